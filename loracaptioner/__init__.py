@@ -1,0 +1,15 @@
+"""LoraCaptioner: a frozen CLIP vision tower, a trainable bridge and a LoRA-adapted T5 decoder that writes captions."""
+
+from .configuration_loracaptioner import LoraCaptionerConfig
+from .modeling_loracaptioner import LoraCaptionerForConditionalGeneration
+from .processing_loracaptioner import LoraCaptionerProcessor
+
+__version__ = "0.1.0"
+
+# Every save_pretrained() folder carries the three code files and an `auto_map`, so it loads anywhere with
+# trust_remote_code=True. A class registers for one Auto class; the config's auto_map adds `AutoModel` by hand.
+LoraCaptionerConfig.register_for_auto_class()
+LoraCaptionerForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+LoraCaptionerProcessor.register_for_auto_class()
+
+__all__ = ["LoraCaptionerConfig", "LoraCaptionerForConditionalGeneration", "LoraCaptionerProcessor", "__version__"]

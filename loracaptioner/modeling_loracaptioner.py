@@ -1,0 +1,254 @@
+"""LoraCaptioner: CLIP vision tower -> linear bridge -> T5 decoder, composed from transformers' own classes.
+
+Where things happen:
+  * image -> tokens: `LoraCaptionerImageEncoder.forward` (CLIP patch tokens -> final LayerNorm -> CLIP projection -> bridge)
+  * tokens -> caption: the T5 decoder stack (`T5Stack`) cross-attends to the image tokens; `lm_head` picks the words.
+The T5 *text encoder* is never built: the image encoder takes its place, so `generate()` treats this exactly like an
+encoder-decoder model whose encoder input is `pixel_values`.
+"""
+
+import copy
+
+import torch
+from torch import nn
+from transformers import CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+from transformers.models.t5.modeling_t5 import T5Stack
+
+from .configuration_loracaptioner import LoraCaptionerConfig
+
+# transformers 5.24 renamed the decoder cache argument/output `past_key_values` -> `cache`; speak whichever it speaks.
+# Caption-sized output, and no 3-gram twice: the original's greedy decoding degenerated into "tropical" x19 until
+# T5's 20-token limit. tests/test_generation.py shows plain greedy repeating on a model made to repeat and these not.
+CAPTION_GENERATION_DEFAULTS = {"max_new_tokens": 32, "no_repeat_ngram_size": 3}
+_AUTO_MODEL_REF = "modeling_loracaptioner.LoraCaptionerForConditionalGeneration"
+_CACHE = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
+
+
+class LoraCaptionerImageEncoder(nn.Module):
+    """Pixels -> image tokens of the decoder's width: the encoder that `generate()` runs once per image."""
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: LoraCaptionerConfig):
+        super().__init__()
+        vision = config.vision_config
+        self.drop_cls_token = config.drop_cls_token
+        self.vision_tower = CLIPVisionModel._from_config(vision)
+        # CLIP's own visual projection (768 -> 512 in ViT-B/16), applied to every patch token instead of only CLS.
+        self.visual_projection = (
+            nn.Linear(vision.hidden_size, vision.projection_dim, bias=False) if config.use_clip_projection else None
+        )
+        # The one new piece: map vision tokens into the T5 decoder's hidden size.
+        self.bridge = nn.Linear(config.image_token_dim, config.text_config.d_model)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = True,
+        **kwargs,
+    ) -> BaseModelOutput:
+        vision_outputs = self.vision_tower(
+            pixel_values=pixel_values.to(self.bridge.weight.dtype),
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        vision_tokens = vision_outputs.last_hidden_state
+        if self.drop_cls_token:
+            vision_tokens = vision_tokens[:, 1:]
+        vision_tokens = self.vision_tower.post_layernorm(vision_tokens)
+        if self.visual_projection is not None:
+            vision_tokens = self.visual_projection(vision_tokens)
+        return BaseModelOutput(
+            last_hidden_state=self.bridge(vision_tokens),
+            hidden_states=vision_outputs.hidden_states,
+            attentions=vision_outputs.attentions,
+        )
+
+
+class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    """
+    Image captioner: `encoder` (CLIP vision tower + bridge) turns pixels into image tokens, `decoder` (a T5 decoder
+    stack) with `lm_head` writes the caption while cross-attending to them.
+
+    Works with `generate()` (greedy, beam search, sampling; the image is encoded once), the `Trainer` (`labels` with
+    -100 ignored) and peft LoRA (target the decoder's `SelfAttention.q`, `EncDecAttention.k`, `DenseReluDense.wi_0`...).
+    """
+
+    config_class = LoraCaptionerConfig
+    base_model_prefix = "loracaptioner"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = True
+    _no_split_modules = ["CLIPEncoderLayer", "T5Block"]
+    _keep_in_fp32_modules = []
+
+    def __init__(self, config: LoraCaptionerConfig):
+        super().__init__(config)
+        self.encoder = LoraCaptionerImageEncoder(config)
+        decoder_config = copy.deepcopy(config.text_config)
+        decoder_config.is_decoder = True
+        decoder_config.is_encoder_decoder = True
+        decoder_config.num_layers = config.text_config.num_decoder_layers
+        self.decoder = T5Stack(decoder_config)
+        self.lm_head = nn.Linear(config.text_config.d_model, config.text_config.vocab_size, bias=False)
+        # Original T5 (v1.0) scales the decoder output before its tied LM head; T5 v1.1 / Flan-T5 does not.
+        self.scale_decoder_outputs = bool(getattr(config.text_config, "scale_decoder_outputs", False))
+        self.post_init()
+        for name, value in CAPTION_GENERATION_DEFAULTS.items():
+            setattr(self.generation_config, name, value)
+        if config.freeze_vision:
+            self.freeze_vision()
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        # A class registers for one Auto class (AutoModelForImageTextToText); AutoModel is written here by hand.
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": _AUTO_MODEL_REF}
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    def freeze_vision(self) -> None:
+        """Freeze the CLIP tower and CLIP's projection (the bridge stays trainable)."""
+        frozen = [self.encoder.vision_tower, self.encoder.visual_projection]
+        for module in filter(None, frozen):
+            module.requires_grad_(False)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only our own layers: CLIP and T5 sub-models are initialised by their own `_init_weights`, and
+        # `transformers.initialization` skips every tensor that was loaded from a checkpoint.
+        if module is self.lm_head:
+            init.normal_(module.weight, mean=0.0, std=self.config.text_config.initializer_factor)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=module.in_features**-0.5)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+    def get_encoder(self, modality: str | None = None) -> LoraCaptionerImageEncoder:
+        return self.encoder
+
+    def get_decoder(self) -> T5Stack:
+        return self.decoder
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.decoder.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @classmethod
+    def from_backbones(
+        cls,
+        vision_model_name_or_path: str = "openai/clip-vit-base-patch16",
+        text_model_name_or_path: str = "google/flan-t5-base",
+        **config_kwargs,
+    ) -> "LoraCaptionerForConditionalGeneration":
+        """Build a LoraCaptioner from a pretrained CLIP checkpoint (a full CLIP model or a vision tower) and a T5
+        checkpoint (Hub ids or local folders). The bridge is newly initialised; the T5 encoder is dropped."""
+        from transformers import CLIPVisionModelWithProjection, T5ForConditionalGeneration
+
+        clip = CLIPVisionModelWithProjection.from_pretrained(vision_model_name_or_path)
+        t5 = T5ForConditionalGeneration.from_pretrained(text_model_name_or_path)
+        config = cls.config_class(vision_config=clip.config, text_config=t5.config, **config_kwargs)
+        model = cls(config)
+        model.encoder.vision_tower.load_state_dict(clip.vision_model.state_dict())
+        if model.encoder.visual_projection is not None:
+            model.encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+        model.decoder.load_state_dict(t5.decoder.state_dict())
+        model.lm_head.load_state_dict(t5.lm_head.state_dict())
+        return model
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: labels shifted right behind the decoder start token, -100 replaced by padding."""
+        decoder_input_ids = labels.new_full(labels.shape, self.config.decoder_start_token_id)
+        decoder_input_ids[:, 1:] = labels[:, :-1]
+        return decoder_input_ids.masked_fill(decoder_input_ids == -100, self.config.pad_token_id)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        cache=None,
+        past_key_values=None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> Seq2SeqLMOutput:
+        r"""
+        pixel_values: `(batch, 3, H, W)` images from the processor; ignored when `encoder_outputs` is given.
+        labels: `(batch, length)` caption ids; -100 marks positions left out of the loss. When `decoder_input_ids` is
+            not given it is made from `labels` (shifted right behind `decoder_start_token_id`).
+        cache / past_key_values: the decoder's key/value cache (its name depends on the transformers version).
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if encoder_outputs is None:
+            if pixel_values is None:
+                raise ValueError("LoraCaptioner needs `pixel_values` (or precomputed `encoder_outputs`).")
+            encoder_outputs = self.encoder(
+                pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+            )
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = BaseModelOutput(*encoder_outputs)
+        image_tokens = encoder_outputs.last_hidden_state
+
+        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            inputs_embeds=decoder_inputs_embeds,
+            encoder_hidden_states=image_tokens,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **{_CACHE: cache if cache is not None else past_key_values},
+        )
+        sequence_output = decoder_outputs[0]
+        if self.scale_decoder_outputs:
+            sequence_output = sequence_output * (self.config.text_config.d_model**-0.5)
+        logits = self.lm_head(sequence_output)
+
+        loss = None
+        if labels is not None:
+            # Sum over tokens / tokens in the whole (accumulated) batch when the Trainer tells us that count.
+            loss = nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(),
+                labels.to(logits.device).flatten(),
+                ignore_index=-100,
+                reduction="mean" if num_items_in_batch is None else "sum",
+            )
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
+
+        return Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=image_tokens,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+            **{_CACHE: getattr(decoder_outputs, _CACHE, None)},
+        )
+
+
+__all__ = ["CAPTION_GENERATION_DEFAULTS", "LoraCaptionerForConditionalGeneration", "LoraCaptionerImageEncoder"]

@@ -1,0 +1,101 @@
+"""generate(): greedy, beam search, sampling, prompts, batching, and the anti-degeneration defaults."""
+
+import torch
+
+from loracaptioner.modeling_loracaptioner import CAPTION_GENERATION_DEFAULTS
+
+
+def test_greedy_equals_hand_written_argmax_loop(model, processor, images):
+    inputs = processor(images=images[:2])
+    generated = model.generate(**inputs, max_new_tokens=8, no_repeat_ngram_size=0, min_new_tokens=8)
+    with torch.no_grad():
+        image_tokens = model.get_encoder()(inputs["pixel_values"])
+        ids = torch.full((2, 1), model.config.decoder_start_token_id)
+        for _ in range(8):
+            logits = model(encoder_outputs=image_tokens, decoder_input_ids=ids, use_cache=False).logits[:, -1]
+            logits[:, model.config.eos_token_id] = -float("inf")  # min_new_tokens
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(generated, ids)
+
+
+def test_generate_beam_search_returns_num_return_sequences(model, processor, images):
+    inputs = processor(images=images[:3])
+    out = model.generate(**inputs, num_beams=4, num_return_sequences=3, length_penalty=0.6, max_new_tokens=6)
+    assert out.shape[0] == 9
+    scored = model.generate(**inputs, num_beams=4, num_return_sequences=2, max_new_tokens=6,
+                            output_scores=True, return_dict_in_generate=True)
+    assert scored.sequences.shape[0] == 6 and scored.sequences_scores.shape == (6,)
+
+
+def test_sampling_is_reproducible_under_a_seed(model, processor, images):
+    inputs = processor(images=images[:2])
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(model.generate(**inputs, do_sample=True, top_p=0.9, temperature=1.5, max_new_tokens=8))
+    assert torch.equal(*runs)
+
+
+def test_batched_generation_equals_one_by_one_for_mixed_image_sizes(model, processor, images):
+    batched = model.generate(**processor(images=images), num_beams=2, max_new_tokens=8)
+    for i, image in enumerate(images):
+        single = model.generate(**processor(images=[image]), num_beams=2, max_new_tokens=8)
+        assert torch.equal(batched[i, : single.shape[1]], single[0])
+        assert (batched[i, single.shape[1]:] == model.config.pad_token_id).all()
+
+
+def test_kv_cache_gives_the_same_captions_as_no_cache(model, processor, images):
+    inputs = processor(images=images)
+    with_cache = model.generate(**inputs, max_new_tokens=8)
+    without = model.generate(**inputs, max_new_tokens=8, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_text_prompt_becomes_the_decoder_prefix(model, processor, images):
+    prompt_ids = processor.tokenizer("a photo of", add_special_tokens=False)["input_ids"]
+    inputs = processor(images=images[:2], text="a photo of")
+    out = model.generate(**inputs, max_new_tokens=5)
+    assert out[:, 1 : 1 + len(prompt_ids)].tolist() == [prompt_ids, prompt_ids]
+    assert processor.batch_decode(out, skip_special_tokens=True)[0].startswith("a photo of")
+
+
+def test_batched_prompts_of_different_lengths_equal_one_by_one(model, processor, images):
+    prompts = ["a", "a photo of the"]
+    batched = model.generate(**processor(images=images[:2], text=prompts), max_new_tokens=6)
+    captions = processor.batch_decode(batched, skip_special_tokens=True)
+    for image, prompt, caption in zip(images[:2], prompts, captions):
+        single = model.generate(**processor(images=[image], text=prompt), max_new_tokens=6)
+        assert processor.decode(single[0], skip_special_tokens=True) == caption
+
+
+def make_repetitive(model, word_id: int) -> None:
+    """Whatever the image, the best next word is always `word_id` and the second best is end-of-sequence:
+    the original's failure ("tropical" x19 until the length limit) in its purest form."""
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-10.0)
+        head.bias[word_id] = 2.0
+        head.bias[model.config.eos_token_id] = 1.0
+    model.set_output_embeddings(head)
+
+
+def test_plain_greedy_repeats_on_a_degenerate_model_and_the_defaults_do_not(model, processor, images):
+    word = processor.tokenizer.convert_tokens_to_ids("▁red")
+    make_repetitive(model, word)
+    inputs = processor(images=images[:2])
+    plain = model.generate(**inputs, max_new_tokens=20, no_repeat_ngram_size=0)
+    assert (plain[:, 1:] == word).all(), "plain greedy should repeat the word until the length limit"
+    captions = processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)
+    # With the saved defaults no 3-gram comes twice: "red red red" and then the caption ends.
+    n = CAPTION_GENERATION_DEFAULTS["no_repeat_ngram_size"]
+    assert captions == [" ".join(["red"] * n)] * 2
+
+
+def test_generation_defaults_are_saved(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    from transformers import GenerationConfig
+
+    saved = GenerationConfig.from_pretrained(tmp_path)
+    assert saved.max_new_tokens == 32 and saved.no_repeat_ngram_size == 3
+    assert saved.decoder_start_token_id == 0 and saved.eos_token_id == 1

@@ -1,5 +1,7 @@
 """LoraCaptioner: a frozen CLIP vision tower, a trainable bridge and a LoRA-adapted T5 decoder that writes captions."""
 
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
 from .configuration_loracaptioner import LoraCaptionerConfig
 from .modeling_loracaptioner import LoraCaptionerForConditionalGeneration
 from .processing_loracaptioner import LoraCaptionerProcessor
@@ -11,5 +13,11 @@ __version__ = "0.1.0"
 LoraCaptionerConfig.register_for_auto_class()
 LoraCaptionerForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 LoraCaptionerProcessor.register_for_auto_class()
+
+# With the package imported, the Auto classes know the model type without remote code.
+AutoConfig.register(LoraCaptionerConfig.model_type, LoraCaptionerConfig, exist_ok=True)
+AutoModel.register(LoraCaptionerConfig, LoraCaptionerForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(LoraCaptionerConfig, LoraCaptionerForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(LoraCaptionerConfig, LoraCaptionerProcessor, exist_ok=True)
 
 __all__ = ["LoraCaptionerConfig", "LoraCaptionerForConditionalGeneration", "LoraCaptionerProcessor", "__version__"]

@@ -62,6 +62,9 @@ class LoraCaptionerConfig(PreTrainedConfig):
         if text_config.num_decoder_layers < 1:
             raise ValueError(f"text_config.num_decoder_layers must be >= 1, got {text_config.num_decoder_layers}")
 
+        # The T5 encoder is not part of this model: its depth is the decoder's, which is what generate() sizes the
+        # key/value cache by (`num_hidden_layers` of the text config).
+        text_config.num_layers = text_config.num_decoder_layers
         self.vision_config = vision_config
         self.text_config = text_config
         self.use_clip_projection = use_clip_projection

@@ -49,7 +49,7 @@ def tiny_vision_config(**overrides) -> CLIPVisionConfig:
 
 def tiny_text_config(vocab_size: int, **overrides) -> T5Config:
     kwargs = dict(
-        vocab_size=vocab_size, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2,
+        vocab_size=vocab_size, d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=3, num_decoder_layers=2,
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, dropout_rate=0.0,
     )
     return T5Config(**{**kwargs, **overrides})

@@ -3,6 +3,7 @@ decoding, skipping and counting bad rows, and the collator that turns rows into 
 
 from __future__ import annotations
 
+import glob
 import io
 import math
 from collections import Counter
@@ -85,8 +86,7 @@ def load_caption_dataset(
                                      cache_dir=cache_dir)
     if data_files is not None:
         files = [data_files] if isinstance(data_files, str) else list(data_files)
-        expanded = [str(path) for pattern in files for path in sorted(Path().glob(pattern))] if any(
-            "*" in f for f in files) else files
+        expanded = [path for pattern in files for path in (sorted(glob.glob(pattern)) if "*" in pattern else [pattern])]
         missing = [f for f in expanded if not Path(f).is_file()]
         if missing or not expanded:
             raise ValueError(f"webdataset shard(s) not found: {missing or files}")

@@ -1,0 +1,163 @@
+"""train_hf.py and its parts: data in three layouts, bad rows skipped and counted, LoRA on the decoder only, a short
+run that learns, adapter reload, merged == unmerged."""
+
+import io
+import json
+import sys
+import tarfile
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from PIL import Image
+
+from conftest import REPO
+from loracaptioner import LoraCaptionerForConditionalGeneration
+from loracaptioner.data import CaptionCollator, SkipCounter, load_caption_dataset, prepare_split
+from loracaptioner.training import decoder_lora_config
+
+sys.path.insert(0, str(REPO))
+import train_hf  # noqa: E402
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 30)}
+
+
+def png_bytes(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32, 3), colour, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def rows(count: int):
+    names = list(COLOURS)
+    for i in range(count):
+        name = names[i % len(names)]
+        yield f"{i:04d}", png_bytes(COLOURS[name]), [f"a {name} square", f"the {name} square"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The same rows as an imagefolder, as webdataset shards, plus a corrupt image and an empty caption."""
+    root = tmp_path_factory.mktemp("data")
+    folder, shards = root / "folder", root / "shards"
+    folder.mkdir(), shards.mkdir()
+    with open(folder / "metadata.jsonl", "w") as metadata, tarfile.open(shards / "00000.tar", "w") as tar:
+        for key, image, captions in [*rows(16), ("bad1", b"not an image", ["a broken file"]),
+                                     ("bad2", png_bytes((1, 2, 3)), ["  "])]:
+            (folder / f"{key}.png").write_bytes(image)
+            metadata.write(json.dumps({"file_name": f"{key}.png", "caption": captions}) + "\n")
+            for suffix, payload in (("png", image), ("txt", captions[0].encode())):
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return folder, shards
+
+
+def test_imagefolder_webdataset_and_in_memory_give_the_same_examples(data):
+    folder, shards = data
+    from_folder = prepare_split(load_caption_dataset(data_dir=str(folder)), "image", "caption", SkipCounter(), True)
+    from_shards = prepare_split(load_caption_dataset(data_files=str(shards / "*.tar")), "png", "txt", SkipCounter(), True)
+    in_memory = datasets.Dataset.from_dict({"image": [image for _, image, _ in rows(16)],
+                                            "caption": [captions for _, _, captions in rows(16)]})
+    from_memory = prepare_split(in_memory, "image", "caption", SkipCounter(), True)
+    first_captions = [row["caption"] for row in from_folder][::2]
+    assert first_captions == [row["caption"] for row in from_shards] == [row["caption"] for row in from_memory][::2]
+    assert len(from_folder) == 32  # two captions per image: one training row each
+    image = lambda row: np.asarray(Image.open(io.BytesIO(row["image"]["bytes"] if isinstance(row["image"], dict) else row["image"])))  # noqa: E731
+    assert all((image(a) == image(b)).all() for a, b in zip(from_shards, from_memory.select(range(0, 32, 2))))
+
+
+def test_corrupt_images_and_empty_captions_are_skipped_and_counted(data):
+    skipped = SkipCounter()
+    evaluation = prepare_split(load_caption_dataset(data_dir=str(data[0])), "image", "caption", skipped, False)
+    assert len(evaluation) == 16 and skipped.reasons == {"undecodable image": 1, "empty caption": 1}
+    assert evaluation[0]["references"] == ["a red square", "the red square"]
+    streamed = SkipCounter()
+    stream = prepare_split(load_caption_dataset(data_dir=str(data[0]), streaming=True), "image", "caption", streamed, True)
+    assert sum(1 for _ in stream) == 32 and streamed.total == 2
+
+
+def test_missing_caption_column_lists_the_columns(data):
+    from loracaptioner.data import detect_column
+
+    with pytest.raises(ValueError, match=r"columns \['image', 'label'\]"):
+        detect_column(["image", "label"], None, ("caption", "text"), "caption")
+
+
+def test_collator_masks_padding_with_minus_100(processor):
+    rows_ = [{"image": png_bytes((9, 9, 9)), "caption": "a red square"}, {"image": png_bytes((9, 9, 9)), "caption": "a dog"}]
+    batch = CaptionCollator(processor, max_target_length=8)(rows_)
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["labels"][1].tolist()[-1] == -100 and (batch["labels"][0] != -100).all()
+
+
+def test_lora_only_in_decoder_and_only_lora_and_bridge_train(model):
+    peft_model = get_peft_model(model, decoder_lora_config(model, r=4, alpha=8, dropout=0.0))
+    lora_modules = [name for name, _ in peft_model.named_modules() if name.endswith("lora_A")]
+    assert lora_modules and all(".decoder.block." in name for name in lora_modules)
+    assert len(lora_modules) == 2 * (2 + 2 + 3)  # 2 layers x (2 self-attn + 2 cross-attn + 3 feed-forward)
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert all("lora_" in name or ".bridge." in name for name in trainable)
+    assert any(".bridge." in name for name in trainable)
+
+
+def test_unknown_lora_target_lists_valid_names(model):
+    with pytest.raises(ValueError, match=r"unknown LoRA target module\(s\) \['SelfAttention.qq'\]; valid.*EncDecAttention.o"):
+        decoder_lora_config(model, r=4, alpha=8, dropout=0.0, targets=["SelfAttention.qq"])
+
+
+@pytest.fixture(scope="module")
+def trained(data, backbones, tmp_path_factory):
+    """One short train_hf.py run: imagefolder data, LoRA, evaluation with generation, merged output."""
+    output_dir = tmp_path_factory.mktemp("run")
+    args = ["train_hf.py", "--vision_model_name_or_path", backbones[0], "--text_model_name_or_path", backbones[1],
+            "--train_dir", str(data[0]), "--validation_dir", str(data[0]), "--output_dir", str(output_dir),
+            "--do_train", "--do_eval", "--num_train_epochs", "6", "--per_device_train_batch_size", "8",
+            "--learning_rate", "5e-3", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.0",
+            "--logging_steps", "1", "--save_strategy", "epoch", "--save_total_limit", "1", "--report_to", "none",
+            "--use_cpu", "--seed", "0", "--disable_tqdm", "true", "--generation_max_length", "8"]
+    original = sys.argv
+    sys.argv = args
+    try:
+        summary = train_hf.main()
+    finally:
+        sys.argv = original
+    return output_dir, summary, backbones
+
+
+def test_short_run_lowers_the_loss_and_reports_what_it_skipped(trained):
+    output_dir, summary, _ = trained
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert losses[-1] < 0.5 * losses[0]
+    assert summary["skipped"] == {"undecodable image": 2, "empty caption": 2}  # train and eval splits
+    assert {"eval_cider", "eval_bleu_4", "eval_rouge_l", "eval_exact_match"} <= set(summary["eval"])
+    assert json.loads((output_dir / "run_summary.json").read_text())["skipped_rows"] == 4
+
+
+def test_adapter_holds_only_lora_and_bridge_and_reloads_to_identical_generations(trained, processor):
+    output_dir, _, backbones = trained
+    from safetensors import safe_open
+
+    with safe_open(output_dir / "adapter" / "adapter_model.safetensors", "pt") as adapter:
+        names = list(adapter.keys())
+    assert names and all("lora_" in name or "bridge" in name for name in names)
+    base = LoraCaptionerForConditionalGeneration.from_pretrained(output_dir)  # merged
+    adapted = PeftModel.from_pretrained(
+        LoraCaptionerForConditionalGeneration.from_backbones(*backbones), output_dir / "adapter").eval()
+    pixel_values = processor(images=[Image.open(io.BytesIO(png_bytes(c))) for c in COLOURS.values()])["pixel_values"]
+    labels = processor(text_target=["a red square"] * 4)["labels"]
+    with torch.no_grad():
+        merged_logits = base.eval()(pixel_values=pixel_values, labels=labels).logits
+        adapter_logits = adapted(pixel_values=pixel_values, labels=labels).logits
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=0, atol=1e-5)
+    assert torch.equal(base.generate(pixel_values=pixel_values), adapted.generate(pixel_values=pixel_values))
+
+
+def test_merged_folder_is_hub_ready(trained):
+    output_dir = trained[0]
+    names = {path.name for path in output_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json", "README.md",
+            "modeling_loracaptioner.py", "configuration_loracaptioner.py", "processing_loracaptioner.py"} <= names

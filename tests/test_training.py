@@ -161,3 +161,19 @@ def test_merged_folder_is_hub_ready(trained):
     names = {path.name for path in output_dir.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json", "README.md",
             "modeling_loracaptioner.py", "configuration_loracaptioner.py", "processing_loracaptioner.py"} <= names
+
+
+@pytest.mark.parametrize("name", ["cc3m_seed.yaml", "demo.yaml"])
+def test_shipped_configs_parse(name):
+    import yaml
+    from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+
+    values = yaml.safe_load((REPO / "configs" / name).read_text())
+    values["use_cpu"] = True  # the seed config asks for bf16 on GPUs; this machine has none
+    parser = HfArgumentParser((train_hf.ModelArguments, train_hf.DataArguments, train_hf.LoraArguments,
+                               Seq2SeqTrainingArguments))
+    model_args, data_args, lora_args, training_args = parser.parse_dict(values)
+    if name == "cc3m_seed.yaml":
+        assert (data_args.dataset_name, data_args.max_train_samples) == ("pixparse/cc3m-wds", 300_000)
+        assert (lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout) == (8, 16, 0.1)
+        assert (training_args.learning_rate, training_args.num_train_epochs) == (1e-4, 8)

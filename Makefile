@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo space clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ test: venv
 
 demo: venv
 	$(PY) demo/run_demo.py
+
+space: venv
+	$(PY) space/app.py
 
 clean:
 	rm -rf $(VENV) outputs

@@ -4,6 +4,9 @@ import os
 import sys
 from pathlib import Path
 
+# Before transformers / huggingface_hub read it at import: no test may reach the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +24,6 @@ from transformers import (
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor  # noqa: E402
 

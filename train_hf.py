@@ -5,24 +5,26 @@
     python train_hf.py --train_file 'cc3m/{00000..00099}.tar' ...                           # webdataset shards
     python train_hf.py configs/cc3m_seed.yaml                                               # all arguments from a file
     torchrun --nproc_per_node 8 train_hf.py configs/cc3m_seed.yaml                          # DDP; FSDP/DeepSpeed flags pass through
+
+Rerun the same command after an interruption: it resumes from the last *complete* checkpoint in --output_dir
+(model, optimizer, scheduler, RNG and data position), skipping and setting aside one that was cut off mid-write.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
-import evaluate
 import torch
 import transformers
 from peft import PeftModel, get_peft_model
-from transformers import HfArgumentParser, Seq2SeqTrainer, Seq2SeqTrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments, set_seed
 
 from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
 from loracaptioner.data import (
@@ -30,11 +32,22 @@ from loracaptioner.data import (
     IMAGE_COLUMNS,
     CaptionCollator,
     SkipCounter,
+    cache_vision_features,
     detect_column,
     load_caption_dataset,
     prepare_split,
 )
-from loracaptioner.training import CAPTION_METRICS_PATH, ORIGINAL_LORA_TARGETS, decoder_lora_config, exact_match
+from loracaptioner.hub import push_folder
+from loracaptioner.model_card import write_model_card
+from loracaptioner.training import (
+    CAPTION_METRICS_PATH,
+    ORIGINAL_LORA_TARGETS,
+    CaptionTrainer,
+    checkpoint_problem,
+    decoder_lora_config,
+    exact_match,
+    last_complete_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +67,12 @@ class ModelArguments:
         default=True, metadata={"help": "Bridge CLIP's projected 512-d patch tokens (True) or the raw 768-d ones."}
     )
     freeze_vision: bool = field(default=True, metadata={"help": "Keep the CLIP vision tower frozen."})
+    cache_vision_features: bool = field(
+        default=False,
+        metadata={"help": "Run the frozen CLIP tower (+ LayerNorm + projection) once over the training rows before "
+                          "training, keep its output in the datasets cache (fp32: rows x 196 x 512 x 4 bytes for "
+                          "ViT-B/16) and train only bridge + decoder on it. Needs --freeze_vision, no --streaming."},
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache downloaded models and datasets."})
 
 
@@ -104,6 +123,14 @@ def main():
         model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses()
     training_args.remove_unused_columns = False  # the collator reads the raw `image` / `caption` columns
     training_args.predict_with_generate = training_args.predict_with_generate or training_args.do_eval
+    # The Trainer's own hub push would commit every checkpoint, with training_args.bin and a root adapter_config.json;
+    # the repo gets one commit of the final, merged folder instead (step 7).
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    if push_to_hub and lora_args.lora_r > 0 and not lora_args.merge_lora:
+        raise ValueError("--push_to_hub uploads the merged LoraCaptioner folder: use it with --merge_lora true "
+                         "(output_dir/adapter, the LoRA adapter alone, is written either way).")
+    if training_args.ddp_find_unused_parameters is None:  # LoRA and bridge get gradients every step: no graph search
+        training_args.ddp_find_unused_parameters = False
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
@@ -113,11 +140,25 @@ def main():
     logger.info(f"Training/evaluation parameters {training_args}")
     set_seed(training_args.seed)
 
-    last_checkpoint = None
-    if os.path.isdir(training_args.output_dir) and training_args.do_train:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
-            logger.info(f"Checkpoint found at {last_checkpoint}: resuming. Use another --output_dir to start afresh.")
+    if model_args.cache_vision_features and (data_args.streaming or not model_args.freeze_vision):
+        raise ValueError("--cache_vision_features needs a frozen vision tower (--freeze_vision true) and a map-style "
+                         f"dataset (no --streaming); got freeze_vision={model_args.freeze_vision}, "
+                         f"streaming={data_args.streaming}")
+
+    # Resume: from --resume_from_checkpoint PATH, else (or with `true`) from output_dir's last *complete* checkpoint.
+    resume_from_checkpoint = training_args.resume_from_checkpoint
+    if training_args.do_train and resume_from_checkpoint in (None, "true", "True", "last"):
+        with training_args.main_process_first(desc="looking for the last complete checkpoint"):
+            last_checkpoint = last_complete_checkpoint(training_args.output_dir,
+                                                       set_aside_incomplete=training_args.should_save)
+        if last_checkpoint is None and resume_from_checkpoint is not None:
+            raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: no complete checkpoint in "
+                             f"{training_args.output_dir}")
+        if last_checkpoint is not None:
+            logger.info(f"Resuming from {last_checkpoint}. Use another --output_dir to start afresh.")
+        resume_from_checkpoint = last_checkpoint
+    elif training_args.do_train and (problem := checkpoint_problem(resume_from_checkpoint)):
+        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: {problem}")
 
     # 2. Data: one split each for training and evaluation, bad rows dropped and counted.
     skipped = SkipCounter()
@@ -156,16 +197,29 @@ def main():
     model.requires_grad_(True)
     if model_args.freeze_vision:
         model.freeze_vision()
+    if model_args.cache_vision_features and train_dataset is not None:
+        model.get_encoder().to(training_args.device)
+        with training_args.main_process_first(desc="caching vision features"):
+            train_dataset = cache_vision_features(train_dataset, model, processor,
+                                                  batch_size=training_args.per_device_eval_batch_size)
     if lora_args.lora_r > 0:
-        model = get_peft_model(model, decoder_lora_config(model, lora_args.lora_r, lora_args.lora_alpha,
-                                                          lora_args.lora_dropout, lora_args.lora_target_modules))
+        with warnings.catch_warnings():  # peft reads `is_gradient_checkpointing`, deprecated in transformers 5.24
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = get_peft_model(model, decoder_lora_config(model, lora_args.lora_r, lora_args.lora_alpha,
+                                                              lora_args.lora_dropout, lora_args.lora_target_modules))
+    # Seq2SeqTrainer's generate-evaluation writes every default (max_length=20, ...) into model.generation_config;
+    # saved, that makes every later generate() warn about max_length next to max_new_tokens. Keep the model's own.
+    generation_config = copy.deepcopy(model.generation_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
     # 4. Metrics: CIDEr-D, BLEU-1..4, ROUGE-L (local evaluate module) and exact match, against every reference.
-    caption_metrics = evaluate.load(str(CAPTION_METRICS_PATH))
     references = None if eval_dataset is None or data_args.streaming else eval_dataset["references"]
+    if references is not None:
+        import evaluate  # only here: it imports transformers.pipelines, seconds of start-up a training-only run skips
+
+        caption_metrics = evaluate.load(str(CAPTION_METRICS_PATH))
 
     def compute_metrics(eval_prediction):
         predicted_ids = eval_prediction.predictions
@@ -176,13 +230,13 @@ def main():
         scores["exact_match"] = exact_match(predictions, refs)
         return {name: round(float(value), 6) for name, value in scores.items()}
 
-    # 5. Trainer: the collator decodes images lazily and builds labels with -100 padding.
-    trainer = Seq2SeqTrainer(
+    # 5. Trainer: the collator decodes images lazily (or reads cached features) and builds labels with -100 padding.
+    trainer = CaptionTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=CaptionCollator(processor, data_args.max_target_length),
+        data_collator=CaptionCollator(processor, data_args.max_target_length, model=model),
         processing_class=processor,
         compute_metrics=compute_metrics if references is not None else None,
     )
@@ -191,7 +245,7 @@ def main():
     summary = {}
     if training_args.do_train:
         started = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         trainer.save_state()
         metrics = result.metrics
         metrics["train_samples_per_second_measured"] = round(
@@ -214,25 +268,22 @@ def main():
             if lora_args.merge_lora:
                 final_model = final_model.merge_and_unload()
         if not isinstance(final_model, PeftModel):
+            final_model.generation_config = generation_config
             final_model.save_pretrained(training_args.output_dir)
             processor.save_pretrained(training_args.output_dir)
-        from loracaptioner.model_card import write_model_card
-
-        write_model_card(training_args.output_dir, model_args=model_args, data_args=data_args, lora_args=lora_args,
-                         training_args=training_args, state=trainer.state, eval_metrics=summary.get("eval"),
-                         skipped=skipped)
-        if training_args.push_to_hub:
-            from huggingface_hub import HfApi
-
+            write_model_card(training_args.output_dir, model_args=model_args, data_args=data_args, lora_args=lora_args,
+                             training_args=training_args, state=trainer.state, eval_metrics=summary.get("eval"),
+                             skipped=skipped, num_train_rows=None if data_args.streaming or train_dataset is None
+                             else len(train_dataset))
+        if push_to_hub:  # the merged folder (with --merge_lora false there is none: push_folder says what is missing)
             repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-            api = HfApi(token=training_args.hub_token)
-            api.create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True)
-            api.upload_folder(repo_id=repo_id, folder_path=training_args.output_dir, commit_message="train_hf.py",
-                              ignore_patterns=["checkpoint-*", "runs/*", "*.pt"])
+            push_folder(training_args.output_dir, repo_id, token=training_args.hub_token,
+                        private=training_args.hub_private_repo, commit_message="train_hf.py")
 
     # 8. Summary: speed, what was skipped and why, the best checkpoint, where the model is.
     summary.update(
-        skipped_rows=skipped.total, skipped=dict(skipped.reasons), best_metric=trainer.state.best_metric,
+        world_size=training_args.world_size, skipped_rows=skipped.total, skipped=dict(skipped.reasons),
+        best_metric=trainer.state.best_metric,
         best_checkpoint=trainer.state.best_model_checkpoint, output_dir=os.path.abspath(training_args.output_dir),
     )
     if trainer.is_world_process_zero():

@@ -1,9 +1,10 @@
 """Captioned-image datasets for training: loading (Hub, imagefolder, webdataset shards), column detection, lazy image
-decoding, skipping and counting bad rows, and the collator that turns rows into `pixel_values` + `labels`."""
+decoding, skipping and counting bad rows, cached vision features, and the collator that turns rows into model inputs."""
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import math
 from collections import Counter
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import torch
 from PIL import Image
 
 from .processing_loracaptioner import LoraCaptionerProcessor, to_rgb_image
@@ -34,13 +36,16 @@ def detect_column(column_names: list[str], given: str | None, candidates: tuple[
     )
 
 
-def load_image(value, name: str = "image") -> Image.Image:
+def load_image(value, name: str | None = None) -> Image.Image:
     """A dataset image cell (undecoded `{"bytes", "path"}`, raw bytes, a path or a PIL image) -> RGB PIL image.
-    Raises `ValueError` naming the image and the problem."""
+    Raises `ValueError` naming the image (its path, else `name`) and the problem."""
+    if isinstance(value, dict):
+        name = value.get("path") or name
+        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
+    if isinstance(value, (str, Path)):
+        name = name or str(value)
+    name = name or "image"
     try:
-        if isinstance(value, dict):
-            name = value.get("path") or name
-            value = value.get("bytes") or value.get("path")
         if isinstance(value, (bytes, bytearray)):
             if not value:
                 raise ValueError("empty file")
@@ -48,6 +53,8 @@ def load_image(value, name: str = "image") -> Image.Image:
         elif isinstance(value, (str, Path)):
             if not Path(value).is_file():
                 raise ValueError("no such file")
+            if Path(value).stat().st_size == 0:
+                raise ValueError("empty file")
             value = Image.open(value)
         if value is None:
             raise ValueError("no image data")
@@ -172,16 +179,84 @@ def prepare_split(
     return dataset.map(to_rows, batched=True, remove_columns=columns)
 
 
+VISION_FEATURES_COLUMN = "vision_features"
+
+
 @dataclass
 class CaptionCollator:
-    """Rows {`image`, `caption` | `references`} -> `pixel_values` and `labels` (padding = -100). Images are decoded here,
-    lazily; for evaluation rows, the first reference is the label (for the loss) and all count for the metrics."""
+    """Rows {`image` | `vision_features`, `caption` | `references`} -> `pixel_values` (or cached `image_features`),
+    `labels` (padding = -100) and, given the model, `decoder_input_ids` (the labels shifted right, made by the model's
+    own `prepare_decoder_input_ids_from_labels`, as in `DataCollatorForSeq2Seq`): the Trainer's label smoother takes
+    `labels` away from the model, which then needs them. Images are decoded here, lazily; for evaluation rows, the
+    first reference is the label (for the loss) and all count for the metrics."""
 
     processor: LoraCaptionerProcessor
     max_target_length: int = 32
+    model: object | None = field(default=None, repr=False)
 
     def __call__(self, rows: list[dict]) -> dict:
-        images = [load_image(row["image"], f"row {i}") for i, row in enumerate(rows)]
         captions = [row["caption"] if "caption" in row else row["references"][0] for row in rows]
-        batch = self.processor(images=images, text_target=captions, max_target_length=self.max_target_length)
-        return dict(batch)
+        if VISION_FEATURES_COLUMN in rows[0]:  # cached by `cache_vision_features`: no image to decode
+            batch = dict(self.processor(text_target=captions, max_target_length=self.max_target_length))
+            batch["image_features"] = torch.stack([torch.as_tensor(row[VISION_FEATURES_COLUMN]) for row in rows])
+        else:
+            images = [load_image(row["image"], f"row {i}") for i, row in enumerate(rows)]
+            batch = dict(self.processor(images=images, text_target=captions, max_target_length=self.max_target_length))
+        if self.model is not None:
+            batch["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+        return batch
+
+
+def vision_features_fingerprint(dataset: datasets.Dataset, model, processor: LoraCaptionerProcessor) -> str:
+    """A fingerprint of what the cached features depend on: the rows, the frozen weights and the image processing."""
+    digest = hashlib.sha256(dataset._fingerprint.encode())
+    for name, tensor in model.get_encoder().state_dict().items():
+        if not name.startswith("bridge."):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(processor.image_processor.to_json_string().encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_vision_features(dataset, model, processor: LoraCaptionerProcessor, batch_size: int = 32):
+    """Run the frozen part of the image encoder (CLIP tower, final LayerNorm, CLIP projection) once over every row
+    and keep its output, what enters the trainable bridge, as a `vision_features` column (written, memory-mapped, to
+    the datasets cache and reused by later runs on the same rows and weights); the `image` column is dropped.
+
+    Training on these rows runs only the bridge and the decoder (`CaptionTrainer`). The features are taken at the
+    bridge's input by a forward hook, so they are exactly what `LoraCaptionerImageEncoder.forward` computes. Storage:
+    rows x tokens x width x 4 bytes (fp32), e.g. 300K CC3M rows x 196 x 512 = 120 GB."""
+    if not isinstance(dataset, datasets.Dataset):
+        raise ValueError("cached vision features need a map-style dataset: they cannot be used with --streaming")
+    if len(dataset) == 0:
+        raise ValueError("no training rows to cache vision features for")
+    encoder = model.get_encoder()
+    trainable = [name for name, p in encoder.named_parameters() if p.requires_grad and not name.startswith("bridge.")]
+    if trainable:
+        raise ValueError(f"cannot cache vision features: the vision tower is trainable ({trainable[0]}, ...); "
+                         "freeze it (--freeze_vision true) or do not cache")
+    device = next(encoder.parameters()).device
+    captured = []
+    hook = encoder.bridge.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+
+    def encode(batch):
+        images = [load_image(cell, f"row {i}") for i, cell in enumerate(batch["image"])]
+        pixel_values = processor(images=images)["pixel_values"].to(device)
+        captured.clear()
+        with torch.inference_mode():
+            encoder(pixel_values)
+        return {VISION_FEATURES_COLUMN: captured[0].float().cpu().numpy()}
+
+    try:
+        with torch.inference_mode():  # the shape of one row's features, for the column type
+            encoder(processor(images=[load_image(dataset[0]["image"], "row 0")])["pixel_values"].to(device))
+        tokens, width = captured[0].shape[1:]
+        features = dataset.map(
+            encode, batched=True, batch_size=batch_size, remove_columns=dataset.column_names,
+            features=datasets.Features({VISION_FEATURES_COLUMN: datasets.Array2D((tokens, width), "float32")}),
+            new_fingerprint=vision_features_fingerprint(dataset, model, processor), desc="caching vision features",
+        )
+    finally:
+        hook.remove()
+    cached = datasets.concatenate_datasets([dataset.remove_columns("image"), features], axis=1)
+    return cached.with_format("numpy", columns=[VISION_FEATURES_COLUMN], output_all_columns=True)

@@ -163,6 +163,14 @@ def test_merged_folder_is_hub_ready(trained):
             "modeling_loracaptioner.py", "configuration_loracaptioner.py", "processing_loracaptioner.py"} <= names
 
 
+def test_merged_folder_keeps_the_caption_generation_defaults_after_generate_evaluation(trained):
+    """Seq2SeqTrainer's evaluation fills model.generation_config with every default (max_length=20, ...); saved,
+    that would make each generate() warn about max_length beside max_new_tokens."""
+    saved = json.loads((trained[0] / "generation_config.json").read_text())
+    assert saved["max_new_tokens"] == 32 and saved["no_repeat_ngram_size"] == 3
+    assert "max_length" not in saved
+
+
 @pytest.mark.parametrize("name", ["cc3m_seed.yaml", "demo.yaml"])
 def test_shipped_configs_parse(name):
     import yaml
@@ -177,3 +185,22 @@ def test_shipped_configs_parse(name):
         assert (data_args.dataset_name, data_args.max_train_samples) == ("pixparse/cc3m-wds", 300_000)
         assert (lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout) == (8, 16, 0.1)
         assert (training_args.learning_rate, training_args.num_train_epochs) == (1e-4, 8)
+
+
+def test_report_to_tensorboard_writes_the_training_loss_under_output_dir_runs(data, backbones, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["train_hf.py", "--vision_model_name_or_path", backbones[0], "--text_model_name_or_path", backbones[1],
+            "--train_dir", str(data[0]), "--output_dir", str(tmp_path), "--do_train", "--max_steps", "2",
+            "--per_device_train_batch_size", "8", "--logging_steps", "1", "--save_strategy", "no",
+            "--report_to", "tensorboard", "--use_cpu", "--disable_tqdm", "true"]
+    original = sys.argv
+    sys.argv = args
+    try:
+        train_hf.main()
+    finally:
+        sys.argv = original
+    event_files = list((tmp_path / "runs").glob("*/events.out.tfevents.*"))
+    assert len(event_files) == 1
+    events = EventAccumulator(str(event_files[0].parent)).Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2]

@@ -1,0 +1,100 @@
+"""--cache_vision_features: the frozen CLIP tower (+ LayerNorm + projection) runs once, its output is cached, and
+training on it (bridge + decoder only) gives the very losses and adapter of training on pixels."""
+
+import json
+
+import datasets
+import pytest
+import torch
+from peft import get_peft_model
+from safetensors.torch import load_file
+from test_resume import run_in_process, write_imagefolder
+from test_training import rows
+from transformers import Seq2SeqTrainingArguments
+
+from loracaptioner.data import (
+    VISION_FEATURES_COLUMN,
+    CaptionCollator,
+    SkipCounter,
+    cache_vision_features,
+    prepare_split,
+)
+from loracaptioner.training import CaptionTrainer, decoder_lora_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_imagefolder(tmp_path_factory.mktemp("cache_data"), count=8)
+
+
+@pytest.fixture()
+def train_rows():
+    in_memory = datasets.Dataset.from_dict({"image": [image for _, image, _ in rows(4)],
+                                            "caption": [captions for _, _, captions in rows(4)]})
+    return prepare_split(in_memory, "image", "caption", SkipCounter(), one_row_per_caption=True)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's, not ours
+def test_cached_features_give_the_loss_and_bridge_gradient_of_pixels(model, processor, train_rows, tmp_path):
+    cached_rows = cache_vision_features(train_rows, model, processor, batch_size=3)  # other batches than training's
+    assert cached_rows.column_names == ["caption", VISION_FEATURES_COLUMN]
+    assert cached_rows[0][VISION_FEATURES_COLUMN].shape == (16, 24)  # 4x4 patches (CLS dropped) x projection width
+
+    peft_model = get_peft_model(model, decoder_lora_config(model, r=4, alpha=8, dropout=0.0))
+    trainer = CaptionTrainer(model=peft_model, args=Seq2SeqTrainingArguments(tmp_path, use_cpu=True, report_to=[]))
+    collator = CaptionCollator(processor, 16, model=peft_model)
+    batches = {"pixels": collator([train_rows[i] for i in range(8)]),
+               "cached": collator([cached_rows[i] for i in range(8)])}
+    assert "pixel_values" in batches["pixels"] and "image_features" in batches["cached"]
+    bridge = peft_model.get_base_model().encoder.bridge
+    losses, gradients = {}, {}
+    for name, batch in batches.items():
+        peft_model.zero_grad()
+        losses[name] = trainer.compute_loss(peft_model, batch)
+        losses[name].backward()
+        gradients[name] = next(p.grad for p in bridge.parameters() if p.requires_grad).clone()
+    assert abs(losses["cached"].item() - losses["pixels"].item()) <= 1e-6
+    assert gradients["pixels"].abs().sum() > 0
+    torch.testing.assert_close(gradients["cached"], gradients["pixels"], rtol=0, atol=1e-6)
+
+
+def test_cache_is_reused_for_the_same_rows_and_weights_and_redone_when_the_tower_changes(model, processor, data_dir):
+    from loracaptioner.data import load_caption_dataset
+
+    train_rows = prepare_split(load_caption_dataset(data_dir=str(data_dir)), "image", "caption", SkipCounter(), True)
+    first = cache_vision_features(train_rows, model, processor).cache_files
+    assert first == cache_vision_features(train_rows, model, processor).cache_files
+    with torch.no_grad():
+        model.encoder.visual_projection.weight.mul_(2)
+    assert {f["filename"] for f in cache_vision_features(train_rows, model, processor).cache_files} != {
+        f["filename"] for f in first}
+
+
+def test_caching_a_trainable_tower_or_a_stream_is_refused(model, processor, train_rows, backbones, data_dir, tmp_path):
+    model.encoder.vision_tower.requires_grad_(True)
+    with pytest.raises(ValueError, match="vision tower is trainable"):
+        cache_vision_features(train_rows, model, processor)
+    with pytest.raises(ValueError, match="cannot be used with --streaming"):
+        cache_vision_features(train_rows.to_iterable_dataset(), model, processor)
+    for flags in (["--freeze_vision", "false"], ["--streaming"]):
+        with pytest.raises(ValueError, match="--cache_vision_features needs a frozen vision tower"):
+            run_in_process(["--vision_model_name_or_path", backbones[0], "--text_model_name_or_path", backbones[1],
+                            "--train_dir", str(data_dir), "--output_dir", str(tmp_path), "--do_train", "--use_cpu",
+                            "--cache_vision_features", *flags])
+
+
+def test_two_epochs_on_cached_features_match_two_epochs_on_pixels(backbones, data_dir, tmp_path):
+    history, adapters = {}, {}
+    for name, flags in (("pixels", []), ("cached", ["--cache_vision_features"])):
+        run_in_process(["--vision_model_name_or_path", backbones[0], "--text_model_name_or_path", backbones[1],
+                        "--train_dir", str(data_dir), "--output_dir", str(tmp_path / name), "--do_train",
+                        "--num_train_epochs", "2", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3",
+                        "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.1", "--logging_steps", "1",
+                        "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--seed", "0",
+                        "--disable_tqdm", "true", *flags])
+        state = json.loads((tmp_path / name / "trainer_state.json").read_text())
+        history[name] = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+        adapters[name] = load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+    assert len(history["cached"]) == 8  # 16 rows / 4 per step x 2 epochs
+    assert history["cached"] == pytest.approx(history["pixels"], abs=1e-6)
+    assert max((adapters["cached"][k] - adapters["pixels"][k]).abs().max().item() for k in adapters["pixels"]) <= 1e-6

@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_loracaptioner import LoraCaptionerConfig
+from .hub import push_to_hub, save_for_hub
 from .modeling_loracaptioner import LoraCaptionerForConditionalGeneration
 from .processing_loracaptioner import LoraCaptionerProcessor
 
@@ -20,4 +21,11 @@ AutoModel.register(LoraCaptionerConfig, LoraCaptionerForConditionalGeneration, e
 AutoModelForImageTextToText.register(LoraCaptionerConfig, LoraCaptionerForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(LoraCaptionerConfig, LoraCaptionerProcessor, exist_ok=True)
 
-__all__ = ["LoraCaptionerConfig", "LoraCaptionerForConditionalGeneration", "LoraCaptionerProcessor", "__version__"]
+__all__ = [
+    "LoraCaptionerConfig",
+    "LoraCaptionerForConditionalGeneration",
+    "LoraCaptionerProcessor",
+    "push_to_hub",
+    "save_for_hub",
+    "__version__",
+]

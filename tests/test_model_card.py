@@ -1,0 +1,142 @@
+"""The model card (README.md) of a saved folder: Hub metadata that huggingface_hub's own parsers accept, a model-index
+equal to the run's evaluation, and usage snippets that run as written."""
+
+import contextlib
+import io
+import re
+import shlex
+
+import pytest
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+from PIL import Image
+from transformers import Seq2SeqTrainingArguments, TrainerState
+
+import train_hf  # the repository root is on sys.path (conftest)
+from loracaptioner.data import SkipCounter
+from loracaptioner.hub import save_for_hub
+from loracaptioner.model_card import write_model_card
+
+EVAL_METRICS = {"eval_loss": 2.31, "eval_cider": 0.4127, "eval_bleu_1": 0.4411, "eval_bleu_2": 0.2803,
+                "eval_bleu_3": 0.1702, "eval_bleu_4": 0.1035, "eval_rouge_l": 0.3552, "eval_exact_match": 0.0125,
+                "epoch": 8.0}
+
+
+def cc3m_run(tmp_path, **lora):
+    """train_hf.py's arguments and Trainer state for the original CC3M recipe (configs/cc3m_seed.yaml)."""
+    model_args = train_hf.ModelArguments()  # openai/clip-vit-base-patch16 + google/flan-t5-base
+    data_args = train_hf.DataArguments(dataset_name="pixparse/cc3m-wds", max_train_samples=300_000)
+    lora_args = train_hf.LoraArguments(**lora)
+    training_args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=256, learning_rate=1e-4, num_train_epochs=8,
+        hub_model_id="someone/loracaptioner-cc3m", report_to="none", use_cpu=True, seed=7,
+    )
+    state = TrainerState(global_step=9375, epoch=8.0)
+    skipped = SkipCounter()
+    skipped.add("undecodable image", 12)
+    return {"model_args": model_args, "data_args": data_args, "lora_args": lora_args, "training_args": training_args,
+            "state": state, "skipped": skipped, "num_train_rows": 299_988}
+
+
+@pytest.fixture(scope="module")
+def saved(backbones, processor, tmp_path_factory):
+    """A tiny saved LoraCaptioner folder, as train_hf.py or save_pretrained leaves it (before the card)."""
+    from loracaptioner import LoraCaptionerForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("model")
+    LoraCaptionerForConditionalGeneration.from_backbones(*backbones).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)
+
+
+def test_card_of_a_training_run_has_hub_metadata_that_huggingface_hub_parses(saved, tmp_path):
+    write_model_card(saved, eval_metrics=EVAL_METRICS, **cc3m_run(tmp_path))
+    data = ModelCard.load(saved / "README.md", ignore_metadata_errors=False).data
+    assert data.library_name == "transformers" and data.pipeline_tag == "image-to-text"
+    assert {"image-captioning", "lora", "custom_code"} <= set(data.tags)
+    assert data.base_model == ["openai/clip-vit-base-patch16", "google/flan-t5-base"]  # a list of Hub ids
+    assert data.datasets == ["pixparse/cc3m-wds"] and data.license == "apache-2.0" and data.language == "en"
+    assert {"cider", "bleu", "rouge"} <= set(data.metrics)
+
+
+def test_model_index_round_trips_to_the_evaluation_metrics_of_the_run(saved, tmp_path):
+    write_model_card(saved, eval_metrics=EVAL_METRICS, **cc3m_run(tmp_path))
+    card = ModelCard.load(saved / "README.md")
+    model_index = card.data.to_dict()["model-index"]
+    name, results = model_index_to_eval_results(model_index)
+    assert name == "loracaptioner-cc3m"
+    expected = {key.removeprefix("eval_"): value for key, value in EVAL_METRICS.items()
+                if key not in ("eval_loss", "epoch")}
+    assert {result.metric_type: result.metric_value for result in results} == expected
+    assert {(r.task_type, r.dataset_type, r.dataset_split) for r in results} == {
+        ("image-to-text", "pixparse/cc3m-wds", "validation")}
+    assert eval_results_to_model_index(name, results) == model_index
+    assert "| CIDEr-D | 0.4127 |" in card.text and "| BLEU-4 | 0.1035 |" in card.text
+
+
+def test_card_describes_the_training_run(saved, tmp_path):
+    card = write_model_card(saved, eval_metrics=EVAL_METRICS, **cc3m_run(tmp_path))
+    text = card.text
+    assert "pixparse/cc3m-wds, 299,988 (image, caption) rows" in text and "12 undecodable image" in text
+    assert "9,375 optimizer steps (8.00 epochs, 2,400,000 caption rows seen)" in text
+    assert "learning rate 0.0001" in text and "seed 7" in text and "optimizer adamw_torch" in text
+    assert "r=8, alpha=16, dropout=0.1" in text and "merged into these weights" in text
+    assert "{{" not in text and "None" not in text
+
+
+def test_card_of_a_full_fine_tune_is_not_tagged_lora(saved, tmp_path):
+    card = write_model_card(saved, **cc3m_run(tmp_path, lora_r=0))
+    assert "lora" not in card.data.tags and "the decoder was fine-tuned fully" in card.text
+
+
+def test_card_of_a_folder_saved_by_hand_has_no_model_index_and_no_local_paths(model, processor, tmp_path):
+    folder = save_for_hub(model, processor, tmp_path / "by-hand")  # backbones from local folders
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.eval_results is None and "model-index" not in card.data.to_dict()
+    assert card.data.base_model is None and card.data.pipeline_tag == "image-to-text"
+    assert "No evaluation was run" in card.text and "saved outside train_hf.py" in card.text
+    assert str(tmp_path) not in card.content and "{{" not in card.content
+    assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json",
+            "modeling_loracaptioner.py"} <= {path.name for path in folder.iterdir()}
+
+
+def test_card_of_a_folder_saved_by_hand_names_hub_backbones_as_base_models(model, processor, tmp_path):
+    model.config.vision_config._name_or_path = "openai/clip-vit-base-patch16"  # as from_backbones(Hub ids) sets them
+    model.config.text_config._name_or_path = "google/flan-t5-base"
+    folder = save_for_hub(model, processor, tmp_path / "by-hand", repo_id="someone/captioner")
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == ["openai/clip-vit-base-patch16", "google/flan-t5-base"]
+    assert 'repo_id = "someone/captioner"' in card.text
+
+
+def test_command_lines_in_the_card_parse_with_the_cli(saved, tmp_path):
+    from loracaptioner.cli import build_parser
+
+    card = write_model_card(saved, **cc3m_run(tmp_path))
+    commands = [shlex.split(line) for line in code_blocks(card.text, "bash")[0].splitlines() if line.strip()]
+    assert commands[0] == ["loracaptioner", "caption", "someone/loracaptioner-cc3m", "images/", "--output",
+                           "captions.jsonl"]
+    parsed = [build_parser().parse_args(command[1:]) for command in commands]
+    assert (parsed[1].format, parsed[1].num_beams, parsed[1].dtype, parsed[1].revision) == ("csv", 4, "bfloat16", "main")
+
+
+def test_usage_snippets_in_the_card_run_as_written(saved, tmp_path, monkeypatch):
+    """Every python block of the card, with the local folder in place of the Hub id (and `photo.jpg` present)."""
+    card = write_model_card(saved, eval_metrics=EVAL_METRICS, **cc3m_run(tmp_path))
+    blocks = code_blocks(card.text, "python")
+    assert len(blocks) == 2 and "trust_remote_code=True" in blocks[0] and 'revision = "main"' in blocks[0]
+    assert 'pipeline("image-text-to-text"' in blocks[1]
+    assert "loracaptioner caption someone/loracaptioner-cc3m images/ --output captions.jsonl" in card.text
+    assert "inference widget does not run custom-code models" in card.text and "space/" in card.text
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (48, 40), (200, 30, 30)).save("photo.jpg")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for block in blocks:
+            exec(block.replace("someone/loracaptioner-cc3m", str(saved)), {})  # noqa: S102 - the card's own code
+    captions, piped = printed.getvalue().strip().splitlines()
+    assert captions.startswith("['") and "generated_text" in piped

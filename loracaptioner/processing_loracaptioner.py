@@ -3,12 +3,27 @@
 Besides torch and transformers it uses only numpy and PIL, which transformers' image processors run on themselves.
 """
 
+import math
+
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from transformers import BatchFeature, ProcessorMixin
 
+# Images longer than MAX_ASPECT times their short side are cut to their centre before CLIP's resize-and-centre-crop.
+MAX_ASPECT = 20.0
 _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def _white_level(mode: str, values: np.ndarray) -> float:
+    """The value that means white: 65535 for 16-bit modes; else by the range in use (1 for floats in [0, 1], 255,
+    65535 for 16-bit data in a 32-bit image, which is how PIL opens some 16-bit PNGs and TIFFs, else the maximum)."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    top = float(values.max(initial=0))
+    if mode == "F" and top <= 1.0:
+        return 1.0
+    return next(level for level in (255.0, 65535.0, top) if top <= level)
 
 
 def to_rgb_image(image, name: str = "image") -> Image.Image:
@@ -16,24 +31,32 @@ def to_rgb_image(image, name: str = "image") -> Image.Image:
     numpy array / tensor (HW or HWC with 1, 3 or 4 channels, CHW; uint8, or float in [0, 1]) -> an RGB PIL image.
     Anything else raises a `ValueError` naming `name` and the problem."""
     if isinstance(image, Image.Image):
+        width, height = image.size
+        if width == 0 or height == 0:
+            raise ValueError(f"{name}: image has no pixels ({width}x{height})")
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:  # checked before decoding any pixel
+            raise ValueError(
+                f"{name}: {width}x{height} pixels is more than PIL's Image.MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS}),"
+                " a possible decompression bomb; raise PIL.Image.MAX_IMAGE_PIXELS to accept it"
+            )
         try:
             image.load()
             image = ImageOps.exif_transpose(image)
         except (OSError, SyntaxError, ValueError) as error:
             raise ValueError(f"{name}: cannot decode image ({error})") from error
-        if image.mode in _HIGH_DEPTH_MODES:  # 16/32-bit grey: scale to 8 bits instead of clipping to white
+        if image.mode in _HIGH_DEPTH_MODES:  # 16/32-bit grey: scale to 8 bits, not clip to white
             values = np.asarray(image, dtype=np.float64)
             if not np.isfinite(values).all():
                 raise ValueError(f"{name}: image contains NaN or infinite values")
-            peak = 1.0 if image.mode == "F" and values.max(initial=0) <= 1.0 else max(values.max(initial=0), 255.0)
-            image = Image.fromarray(np.clip(values / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+            image = Image.fromarray(np.clip(values / _white_level(image.mode, values) * 255, 0, 255).astype(np.uint8))
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image = Image.alpha_composite(background, rgba)
         return image.convert("RGB")
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
+    if isinstance(image, torch.Tensor):  # numpy has no bfloat16
+        image = image.detach().cpu()
+        image = (image.float() if image.is_floating_point() else image).numpy()
     if not isinstance(image, np.ndarray):
         raise ValueError(f"{name}: expected a PIL image, numpy array or tensor, got {type(image).__name__}")
     array = image
@@ -50,7 +73,7 @@ def to_rgb_image(image, name: str = "image") -> Image.Image:
     elif array.dtype.kind not in "biu":
         raise ValueError(f"{name}: unsupported array dtype {array.dtype}")
     array = np.clip(array, 0, 255).astype(np.uint8)
-    return to_rgb_image(Image.fromarray(array, mode={2: "L", 3: "RGB", 4: "RGBA"}[array.shape[-1] if array.ndim == 3 else 2]), name)
+    return to_rgb_image(Image.fromarray(array), name)  # uint8 HW, HWC3, HWC4 -> L, RGB, RGBA
 
 
 class LoraCaptionerProcessor(ProcessorMixin):
@@ -103,13 +126,18 @@ class LoraCaptionerProcessor(ProcessorMixin):
         text: decoder prompt(s) the caption continues (`""` = caption from scratch) -> `decoder_input_ids` and
             `decoder_attention_mask`; one prompt is repeated for every image.
         text_target: target caption(s) -> `labels`.
+        Padding options (`padding`, `padding_side`, `pad_to_multiple_of`), which the image-text-to-text pipeline
+        passes for batches, are accepted and have no effect: prompts are always left-padded to the longest.
         """
+        for name in ("padding", "padding_side", "pad_to_multiple_of"):
+            kwargs.pop(name, None)
         if images is None and text is None and text_target is None:
             raise ValueError("LoraCaptionerProcessor needs `images`, `text` or `text_target`.")
         data = {}
         if images is not None:
             batch = images if isinstance(images, (list, tuple)) else [images]
             rgb_images = [to_rgb_image(image, f"image {i}") for i, image in enumerate(batch)]
+            rgb_images = [self._crop_extreme_aspect(image, kwargs) for image in rgb_images]
             data.update(self.image_processor(rgb_images, return_tensors="pt", **kwargs))
             num_images = data["pixel_values"].shape[0]
         if text is not None:
@@ -121,6 +149,30 @@ class LoraCaptionerProcessor(ProcessorMixin):
             captions = [text_target] if isinstance(text_target, str) else list(text_target)
             data["labels"] = self.make_labels(captions, max_target_length)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _crop_extreme_aspect(self, image: Image.Image, kwargs: dict) -> Image.Image:
+        """CLIP resizes the short side to `shortest_edge`, then keeps a centre square: a 1x5000 strip would first
+        grow to 224x1120000 (seconds and gigabytes). Beyond `MAX_ASPECT`:1, only the centre `MAX_ASPECT`:1 part, which
+        holds that square with room to spare, goes in: the same pixel_values up to a sub-pixel shift of the centre,
+        at a tiny fraction of the cost."""
+        processor = self.image_processor
+        shortest_edge = (getattr(processor, "size", None) or {}).get("shortest_edge")
+        crop_size = getattr(processor, "crop_size", None) or {}
+        if (
+            kwargs.keys() & {"size", "crop_size", "do_resize", "do_center_crop"}
+            or not (getattr(processor, "do_resize", False) and getattr(processor, "do_center_crop", False))
+            or not shortest_edge
+            or max(crop_size.get("height", 0), crop_size.get("width", 0)) > shortest_edge
+        ):
+            return image
+        width, height = image.size
+        short, long = min(width, height), max(width, height)
+        keep = math.ceil(short * MAX_ASPECT)
+        if long <= keep:
+            return image
+        start = (long - keep) // 2
+        box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
+        return image.crop(box)
 
     def _encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Decoder prefixes: start token + prompt tokens (no EOS: the caption goes on), left-padded."""

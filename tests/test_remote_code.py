@@ -35,8 +35,13 @@ REMOTE_USER = textwrap.dedent(
     ids = model.generate(**processor(images=images, return_tensors="pt"), num_beams=4)
     captor = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
     piped = [captor(images=image, text="")[0]["generated_text"] for image in images]
+    piped_list = [out["generated_text"] for out in captor(images=images, text=["", ""], batch_size=2)]
+    prompted = [out["generated_text"] for out in captor(images=images, text=["a photo of"] * 2)]
+    prompted_ids = model.generate(**processor(images=images, text="a photo of", return_tensors="pt"))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[2])
     print(json.dumps({"captions": processor.batch_decode(ids, skip_special_tokens=True), "pipeline": piped,
+                      "pipeline_list": piped_list, "pipeline_prompt": prompted,
+                      "prompted": processor.batch_decode(prompted_ids, skip_special_tokens=True),
                       "module": type(model).__module__}))
     """
 )
@@ -84,3 +89,6 @@ def test_remote_code_load_gives_identical_weights_and_captions(model, processor,
     assert result["captions"] == beam
     greedy = processor.batch_decode(model.generate(**processor(images=same_images)), skip_special_tokens=True)
     assert result["pipeline"] == greedy
+    assert result["pipeline_list"] == greedy  # a list of images in one call, batched
+    assert result["pipeline_prompt"] == result["prompted"]  # text= prompts: the caption continues the prompt
+    assert all(caption.startswith("a photo of") for caption in result["prompted"])

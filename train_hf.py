@@ -242,6 +242,8 @@ def main():
     )
 
     # 6. Train, evaluate.
+    global _setup_finished
+    _setup_finished = True
     summary = {}
     if training_args.do_train:
         started = time.perf_counter()
@@ -300,5 +302,14 @@ def main():
     return summary
 
 
+_setup_finished = False  # errors until then are the user's arguments, data paths or model: see below
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as error:
+        if _setup_finished:  # a failure while training or evaluating keeps its traceback
+            raise
+        print(f"train_hf.py: error: {error}", file=sys.stderr)  # one line, exit code 2, like argparse
+        sys.exit(2)

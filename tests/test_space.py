@@ -171,7 +171,7 @@ def chromium_and_driver() -> tuple[str, str]:
 
 
 def test_space_page_in_chromium_captions_an_uploaded_image_and_shows_errors(
-    space_url, saved_model, processor, image_file, tmp_path
+    space_url, saved_model, processor, image_file, tmp_path, capsys
 ):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -185,7 +185,8 @@ def test_space_page_in_chromium_captions_an_uploaded_image_and_shows_errors(
         options.add_argument(argument)
     options.add_argument("--window-size=1280,900")
     driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    screenshot = tmp_path / "space.png"
+    screenshot = REPO / "outputs" / "test-artifacts" / "space.png"  # kept after the run (outputs/ is git-ignored)
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
     try:
         driver.set_page_load_timeout(60)
         driver.get(space_url)
@@ -196,7 +197,8 @@ def test_space_page_in_chromium_captions_an_uploaded_image_and_shows_errors(
         caption_box = driver.find_element(By.CSS_SELECTOR, "#caption textarea")
         caption = wait.until(lambda page: caption_box.get_attribute("value"))
         driver.save_screenshot(str(screenshot))
-        print(f"screenshot: {screenshot}")
+        with capsys.disabled():  # shown in the test output even with -q
+            print(f"\nscreenshot: {screenshot}")
 
         driver.find_element(By.CSS_SELECTOR, "button[aria-label='Remove Image']").click()
         driver.find_element(By.ID, "caption-button").click()

@@ -175,6 +175,7 @@ def test_space_page_in_chromium_captions_an_uploaded_image_and_shows_errors(
 ):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -190,7 +191,7 @@ def test_space_page_in_chromium_captions_an_uploaded_image_and_shows_errors(
     try:
         driver.set_page_load_timeout(60)
         driver.get(space_url)
-        wait = WebDriverWait(driver, 60)
+        wait = WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,))  # Svelte re-renders
         wait.until(lambda page: page.find_elements(By.CSS_SELECTOR, "input[type=file]"))[0].send_keys(str(image_file))
         wait.until(lambda page: page.find_elements(By.CSS_SELECTOR, "img[src*='noise']"))  # the upload is shown
         driver.find_element(By.ID, "caption-button").click()
@@ -202,7 +203,8 @@ def test_space_page_in_chromium_captions_an_uploaded_image_and_shows_errors(
 
         driver.find_element(By.CSS_SELECTOR, "button[aria-label='Remove Image']").click()
         driver.find_element(By.ID, "caption-button").click()
-        error = wait.until(lambda page: [toast.text for toast in page.find_elements(By.CSS_SELECTOR, ".toast-body")])
+        error = wait.until(lambda page: [toast.text for toast in page.find_elements(By.CSS_SELECTOR, ".toast-body")
+                                         if toast.text.strip()])  # the toast appears before its text does
     finally:
         driver.quit()
     assert caption == generate_caption(saved_model, processor, image_file)

@@ -163,7 +163,7 @@ def test_usage_errors_exit_2_with_one_line_and_no_traceback(model_dir, tmp_path,
 class _Handler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/slow.png":
-            time.sleep(1.5)
+            time.sleep(6)
         return super().do_GET()
 
     def log_message(self, *args):
@@ -187,7 +187,7 @@ def test_urls_are_downloaded_with_a_size_limit_and_a_timeout(model_dir, http_roo
     write_image(root / "big.png", 1, size=(300, 300))
     write_image(root / "slow.png", 2)
     urls = [f"{base}/good.png", f"{base}/big.png", f"{base}/slow.png", f"{base}/missing.png"]
-    code, out, _ = run([model_dir, *urls, "--max-url-bytes", "20000", "--url-timeout", "0.3"], capsys)
+    code, out, _ = run([model_dir, *urls, "--max-url-bytes", "20000", "--url-timeout", "2"], capsys)
     assert code == 1
     records = {r["path"]: r for r in jsonl(out)}
     assert records[urls[0]]["caption"] == generate_captions(model_dir, [good])[0]

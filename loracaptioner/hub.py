@@ -9,6 +9,7 @@ transformers).
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,16 +22,27 @@ from .model_card import write_model_card
 # as a peft adapter instead of as the merged model). `adapter/` itself is kept: it is the LoRA adapter, for peft.
 IGNORE_PATTERNS = ["checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt",
                    "adapter_config.json", "adapter_model.*", "__pycache__/*", "*.pyc"]
+# What Inference Endpoints installs before it imports handler.py (torch comes with its containers).
+ENDPOINT_REQUIREMENTS = "transformers>=5.20,<6\npillow>=10.0\nsentencepiece\n"
+
+
+def write_endpoint_handler(folder) -> None:
+    """`handler.py` (`EndpointHandler`, which Hugging Face Inference Endpoints runs: see `loracaptioner/handler.py`)
+    and its `requirements.txt`, into a Hub-ready folder."""
+    folder = Path(folder)
+    shutil.copyfile(Path(__file__).with_name("handler.py"), folder / "handler.py")
+    (folder / "requirements.txt").write_text(ENDPOINT_REQUIREMENTS)
 
 
 def save_for_hub(model, processor, output_dir, **card_info) -> Path:
     """Save `model` and `processor` (weights as safetensors, code files, auto_map, generation config) into
     `output_dir` and write its model card (`card_info`: keyword arguments of `write_model_card`, e.g. `repo_id`,
-    `eval_metrics`, `base_model`)."""
+    `eval_metrics`, `base_model`), with the Inference Endpoints `handler.py`."""
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     write_model_card(output_dir, **card_info)
+    write_endpoint_handler(output_dir)
     return output_dir
 
 
@@ -57,10 +69,13 @@ def push_folder(folder, repo_id: str, *, token: str | bool | None = None, privat
                 revision: str | None = None, commit_message: str = "Upload LoraCaptioner",
                 create_pr: bool = False) -> CommitInfo:
     """Upload a saved LoraCaptioner folder (from `save_for_hub` or train_hf.py) to `repo_id` in one commit, without
-    checkpoints, logs or pickles. Raises `ValueError` naming what is missing before anything is uploaded."""
+    checkpoints, logs or pickles. Raises `ValueError` naming what is missing before anything is uploaded. A folder
+    without the Inference Endpoints `handler.py` gets one first."""
     missing = missing_hub_files(folder)
     if missing:
         raise ValueError(f"{folder} is not a loadable LoraCaptioner folder: missing {', '.join(missing)}")
+    if not (Path(folder) / "handler.py").is_file():
+        write_endpoint_handler(folder)
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and not create_pr:

@@ -1,10 +1,14 @@
 #!/usr/bin/env python
 """Fine-tune LoraCaptioner (frozen CLIP tower, trainable bridge, LoRA on the T5 decoder) with the HF Trainer + peft.
 
-    python train_hf.py --train_dir data/train --validation_dir data/val --output_dir out   # imagefolder
+    python train_hf.py --train_dir data/train --validation_dir data/val --output_dir out --do_train --do_eval
     python train_hf.py --train_file 'cc3m/{00000..00099}.tar' ...                           # webdataset shards
     python train_hf.py configs/cc3m_seed.yaml                                               # all arguments from a file
     torchrun --nproc_per_node 8 train_hf.py configs/cc3m_seed.yaml                          # DDP; FSDP/DeepSpeed flags pass through
+    python train_hf.py --model_name_or_path out --test_dir data/test --output_dir scores --do_predict
+
+A run without --do_train writes no model: only its results (eval_results.json, predict_results.json) and predictions
+(generated_predictions.jsonl).
 
 Rerun the same command after an interruption: it resumes from the last *complete* checkpoint in --output_dir
 (model, optimizer, scheduler, RNG and data position), skipping and setting aside one that was cut off mid-write.
@@ -12,7 +16,6 @@ Rerun the same command after an interruption: it resumes from the last *complete
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -21,6 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+import datasets
 import torch
 import transformers
 from peft import PeftModel, get_peft_model
@@ -82,19 +86,25 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration name."})
     train_split: str = field(default="train", metadata={"help": "Split of --dataset_name to train on."})
     validation_split: str = field(default="validation", metadata={"help": "Split of --dataset_name to evaluate on."})
+    test_split: str = field(default="test", metadata={"help": "Split of --dataset_name to caption with --do_predict."})
     streaming: bool = field(default=False, metadata={"help": "Stream the data instead of downloading it first."})
     train_dir: str | None = field(default=None, metadata={"help": "imagefolder with metadata.jsonl/metadata.csv."})
     validation_dir: str | None = field(default=None, metadata={"help": "imagefolder for evaluation."})
+    test_dir: str | None = field(
+        default=None, metadata={"help": "imagefolder to caption with --do_predict; its captions, if any, are scored."}
+    )
     train_file: list[str] | None = field(
         default=None, metadata={"help": "webdataset .tar shards (jpg/png + txt), globs allowed, e.g. pixparse/cc3m-wds."}
     )
     validation_file: list[str] | None = field(default=None, metadata={"help": "webdataset .tar shards for evaluation."})
+    test_file: list[str] | None = field(default=None, metadata={"help": "webdataset .tar shards for --do_predict."})
     image_column: str | None = field(default=None, metadata={"help": f"Image column (default: first of {IMAGE_COLUMNS})."})
     caption_column: str | None = field(
         default=None, metadata={"help": f"Caption column, a string or a list of strings (default: first of {CAPTION_COLUMNS})."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
     max_target_length: int = field(default=32, metadata={"help": "Captions are truncated to this many tokens."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes checking the data."})
 
@@ -122,10 +132,14 @@ def main():
     else:
         model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses()
     training_args.remove_unused_columns = False  # the collator reads the raw `image` / `caption` columns
-    training_args.predict_with_generate = training_args.predict_with_generate or training_args.do_eval
+    training_args.predict_with_generate = (training_args.predict_with_generate or training_args.do_eval
+                                           or training_args.do_predict)
     # The Trainer's own hub push would commit every checkpoint, with training_args.bin and a root adapter_config.json;
     # the repo gets one commit of the final, merged folder instead (step 7).
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    if push_to_hub and not training_args.do_train:
+        raise ValueError("--push_to_hub uploads the model this run trains: use it with --do_train (a run without "
+                         "it writes no model)")
     if push_to_hub and lora_args.lora_r > 0 and not lora_args.merge_lora:
         raise ValueError("--push_to_hub uploads the merged LoraCaptioner folder: use it with --merge_lora true "
                          "(output_dir/adapter, the LoRA adapter alone, is written either way).")
@@ -144,6 +158,10 @@ def main():
         raise ValueError("--cache_vision_features needs a frozen vision tower (--freeze_vision true) and a map-style "
                          f"dataset (no --streaming); got freeze_vision={model_args.freeze_vision}, "
                          f"streaming={data_args.streaming}")
+    if training_args.do_train and lora_args.lora_r > 0 and not model_args.freeze_vision:
+        raise ValueError("--freeze_vision false with LoRA (--lora_r > 0): peft trains only the LoRA adapters and the "
+                         "bridge, so the vision tower would stay frozen. Add --lora_r 0 to fine-tune the tower and the "
+                         "decoder in full.")
 
     # Resume: from --resume_from_checkpoint PATH, else (or with `true`) from output_dir's last *complete* checkpoint.
     resume_from_checkpoint = training_args.resume_from_checkpoint
@@ -160,25 +178,39 @@ def main():
     elif training_args.do_train and (problem := checkpoint_problem(resume_from_checkpoint)):
         raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: {problem}")
 
-    # 2. Data: one split each for training and evaluation, bad rows dropped and counted.
+    # 2. Data: one split each for training, evaluation and prediction, bad rows dropped and counted.
     skipped = SkipCounter()
 
-    def load_split(split, data_dir, data_files, max_samples, for_training):
+    def load_split(split, data_dir, data_files, max_samples, for_training=False, for_prediction=False):
         raw = load_caption_dataset(data_args.dataset_name, data_args.dataset_config_name, split, data_dir, data_files,
                                    data_args.streaming, model_args.cache_dir)
         columns = list(raw.column_names or next(iter(raw.take(1))).keys())
         image_column = detect_column(columns, data_args.image_column, IMAGE_COLUMNS, "image")
-        caption_column = detect_column(columns, data_args.caption_column, CAPTION_COLUMNS, "caption")
+        has_captions = (data_args.caption_column in columns if data_args.caption_column
+                        else any(name in columns for name in CAPTION_COLUMNS))
+        if for_prediction and not has_captions:  # images to caption, with no references to score against
+            logger.info(f"the {split} split has no caption column: its captions are written, not scored")
+            caption_column = None
+        else:
+            caption_column = detect_column(columns, data_args.caption_column, CAPTION_COLUMNS, "caption")
         return prepare_split(raw, image_column, caption_column, skipped, one_row_per_caption=for_training,
-                             max_samples=max_samples, num_proc=data_args.preprocessing_num_workers)
+                             max_samples=max_samples, num_proc=data_args.preprocessing_num_workers,
+                             require_caption=not for_prediction)
 
-    train_dataset = eval_dataset = None
+    train_dataset = eval_dataset = predict_dataset = None
     if training_args.do_train:
         train_dataset = load_split(data_args.train_split, data_args.train_dir, data_args.train_file,
                                    data_args.max_train_samples, for_training=True)
     if training_args.do_eval:
         eval_dataset = load_split(data_args.validation_split, data_args.validation_dir, data_args.validation_file,
-                                  data_args.max_eval_samples, for_training=False)
+                                  data_args.max_eval_samples)
+    if training_args.do_predict:
+        predict_dataset = load_split(data_args.test_split, data_args.test_dir, data_args.test_file,
+                                     data_args.max_predict_samples, for_prediction=True)
+        if data_args.streaming:  # the predictions file pairs each caption with its row's key and references
+            predict_dataset = datasets.Dataset.from_list(list(predict_dataset))
+        if len(predict_dataset) == 0:
+            raise ValueError(f"no test rows to caption (skipped: {skipped.summary()})")
 
     # 3. Model and processor: two backbones (new bridge) or an existing LoraCaptioner; then LoRA on the decoder.
     if model_args.model_name_or_path:
@@ -202,33 +234,41 @@ def main():
         with training_args.main_process_first(desc="caching vision features"):
             train_dataset = cache_vision_features(train_dataset, model, processor,
                                                   batch_size=training_args.per_device_eval_batch_size)
-    if lora_args.lora_r > 0:
+    if lora_args.lora_r > 0 and training_args.do_train:  # evaluating a fresh (zero) adapter would change nothing
         with warnings.catch_warnings():  # peft reads `is_gradient_checkpointing`, deprecated in transformers 5.24
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             model = get_peft_model(model, decoder_lora_config(model, lora_args.lora_r, lora_args.lora_alpha,
                                                               lora_args.lora_dropout, lora_args.lora_target_modules))
-    # Seq2SeqTrainer's generate-evaluation writes every default (max_length=20, ...) into model.generation_config;
-    # saved, that makes every later generate() warn about max_length next to max_new_tokens. Keep the model's own.
-    generation_config = copy.deepcopy(model.generation_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
     # 4. Metrics: CIDEr-D, BLEU-1..4, ROUGE-L (local evaluate module) and exact match, against every reference.
-    references = None if eval_dataset is None or data_args.streaming else eval_dataset["references"]
-    if references is not None:
+    def decode(predicted_ids) -> list[str]:
+        predicted_ids = torch.as_tensor(predicted_ids)
+        predicted_ids = predicted_ids.masked_fill(predicted_ids == -100, processor.tokenizer.pad_token_id)  # gather pad
+        return [text.strip() for text in processor.batch_decode(predicted_ids, skip_special_tokens=True)]
+
+    eval_references = None if eval_dataset is None or data_args.streaming else eval_dataset["references"]
+    predict_references = None if predict_dataset is None else predict_dataset["references"]
+    if any(eval_references or []) or any(predict_references or []):
         import evaluate  # only here: it imports transformers.pipelines, seconds of start-up a training-only run skips
 
         caption_metrics = evaluate.load(str(CAPTION_METRICS_PATH))
 
-    def compute_metrics(eval_prediction):
-        predicted_ids = eval_prediction.predictions
-        predicted_ids = torch.as_tensor(predicted_ids).clamp(min=0)  # -100 pads the gathered predictions
-        predictions = [text.strip() for text in processor.batch_decode(predicted_ids, skip_special_tokens=True)]
-        refs = references[: len(predictions)]
-        scores = caption_metrics.compute(predictions=predictions, references=refs)
-        scores["exact_match"] = exact_match(predictions, refs)
-        return {name: round(float(value), 6) for name, value in scores.items()}
+    def compute_metrics_for(references):
+        """`compute_metrics` for a split whose rows have these references; rows without any are not scored."""
+        if not any(references or []):
+            return None
+
+        def compute_metrics(eval_prediction):
+            scored = [(caption, refs) for caption, refs in zip(decode(eval_prediction.predictions), references) if refs]
+            captions, refs = [caption for caption, _ in scored], [refs for _, refs in scored]
+            scores = caption_metrics.compute(predictions=captions, references=refs)
+            scores["exact_match"] = exact_match(captions, refs)
+            return {name: round(float(value), 6) for name, value in scores.items()}
+
+        return compute_metrics
 
     # 5. Trainer: the collator decodes images lazily (or reads cached features) and builds labels with -100 padding.
     trainer = CaptionTrainer(
@@ -238,10 +278,10 @@ def main():
         eval_dataset=eval_dataset,
         data_collator=CaptionCollator(processor, data_args.max_target_length, model=model),
         processing_class=processor,
-        compute_metrics=compute_metrics if references is not None else None,
+        compute_metrics=compute_metrics_for(eval_references),
     )
 
-    # 6. Train, evaluate.
+    # 6. Train, evaluate, predict.
     global _setup_finished
     _setup_finished = True
     summary = {}
@@ -261,43 +301,68 @@ def main():
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         summary["eval"] = {k: v for k, v in metrics.items() if not k.endswith(("runtime", "per_second"))}
+    predictions_file = None
+    if training_args.do_predict:
+        trainer.compute_metrics = compute_metrics_for(predict_references)  # scored against the test references
+        result = trainer.predict(predict_dataset, metric_key_prefix="predict")
+        metrics = result.metrics
+        metrics["predict_samples"] = len(predict_dataset)
+        metrics["predict_samples_with_references"] = sum(1 for refs in predict_references if refs)
+        trainer.log_metrics("predict", metrics)
+        trainer.save_metrics("predict", metrics)  # predict_results.json
+        summary["predict"] = {k: v for k, v in metrics.items() if not k.endswith(("runtime", "per_second"))}
+        if trainer.is_world_process_zero():  # one row per test image: its key, the caption written, its references
+            predictions_file = os.path.join(training_args.output_dir, "generated_predictions.jsonl")
+            with open(predictions_file, "w", encoding="utf-8") as handle:
+                for key, caption, references in zip(predict_dataset["key"], decode(result.predictions),
+                                                    predict_references):
+                    record = {"key": key, "caption": caption, "references": references}
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    # 7. Save: adapter (LoRA + bridge) and, merged, a full Hub-ready LoraCaptioner with code, processor and card.
+    # 7. Save (training runs only): adapter (LoRA + bridge) and, merged, a full Hub-ready LoraCaptioner with code,
+    # processor and card.
     final_model = trainer.model
-    if trainer.is_world_process_zero():
+    model_dir = None
+    if training_args.do_train and trainer.is_world_process_zero():
         if isinstance(final_model, PeftModel):
             final_model.save_pretrained(os.path.join(training_args.output_dir, "adapter"))
             if lora_args.merge_lora:
                 final_model = final_model.merge_and_unload()
         if not isinstance(final_model, PeftModel):
-            final_model.generation_config = generation_config
             final_model.save_pretrained(training_args.output_dir)
             processor.save_pretrained(training_args.output_dir)
             write_model_card(training_args.output_dir, model_args=model_args, data_args=data_args, lora_args=lora_args,
                              training_args=training_args, state=trainer.state, eval_metrics=summary.get("eval"),
                              skipped=skipped, num_train_rows=None if data_args.streaming or train_dataset is None
                              else len(train_dataset))
+            model_dir = os.path.abspath(training_args.output_dir)
+        else:
+            model_dir = os.path.abspath(os.path.join(training_args.output_dir, "adapter"))
         if push_to_hub:  # the merged folder (with --merge_lora false there is none: push_folder says what is missing)
             repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
             push_folder(training_args.output_dir, repo_id, token=training_args.hub_token,
                         private=training_args.hub_private_repo, commit_message="train_hf.py")
 
-    # 8. Summary: speed, what was skipped and why, the best checkpoint, where the model is.
+    # 8. Summary: speed, what was skipped and why, the best checkpoint, where the model and the predictions are.
     summary.update(
         world_size=training_args.world_size, skipped_rows=skipped.total, skipped=dict(skipped.reasons),
-        best_metric=trainer.state.best_metric,
-        best_checkpoint=trainer.state.best_model_checkpoint, output_dir=os.path.abspath(training_args.output_dir),
+        best_metric=trainer.state.best_metric, best_checkpoint=trainer.state.best_model_checkpoint,
+        output_dir=os.path.abspath(training_args.output_dir), model=model_dir, predictions=predictions_file,
     )
     if trainer.is_world_process_zero():
         with open(os.path.join(training_args.output_dir, "run_summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2, default=str)
+        model_line = (model_dir if training_args.do_train else
+                      "none: no --do_train, so no model, adapter or card was written (only results and predictions)")
         logger.warning(
             "\n***** LoraCaptioner run summary *****\n"
             f"  samples/s        : {summary.get('train_samples_per_second')}\n"
             f"  skipped rows     : {skipped.total} ({skipped.summary()})\n"
             f"  best metric      : {trainer.state.best_metric} ({trainer.state.best_model_checkpoint})\n"
             f"  eval             : {summary.get('eval')}\n"
-            f"  model            : {summary['output_dir']}"
+            f"  predict          : {summary.get('predict')}\n"
+            f"  predictions      : {predictions_file}\n"
+            f"  model            : {model_line}"
         )
     return summary
 

@@ -119,9 +119,9 @@ class SkipCounter:
         return ", ".join(f"{count} {reason}" for reason, count in self.reasons.most_common()) or "none"
 
 
-def _problem(image_cell, caption_cell) -> str:
+def _problem(image_cell, caption_cell, require_caption: bool = True) -> str:
     """'' when a row is usable, else the reason it is not."""
-    if not captions_of(caption_cell):
+    if require_caption and not captions_of(caption_cell):
         return "empty caption"
     try:
         load_image(image_cell)
@@ -130,17 +130,30 @@ def _problem(image_cell, caption_cell) -> str:
     return ""
 
 
+def row_key(row: dict, image_column: str, index: int) -> str:
+    """What names a row in a predictions file: the webdataset sample key, else the image's file path, else the row's
+    index in its split."""
+    if row.get("__key__"):
+        return str(row["__key__"])
+    cell = row[image_column]
+    path = cell.get("path") if isinstance(cell, dict) else cell if isinstance(cell, (str, Path)) else None
+    return str(path) if path else str(index)
+
+
 def prepare_split(
     dataset,
     image_column: str,
-    caption_column: str,
+    caption_column: str | None,
     skipped: SkipCounter,
     one_row_per_caption: bool,
     max_samples: int | None = None,
     num_proc: int | None = None,
+    require_caption: bool = True,
 ):
     """Keep images undecoded (decoded lazily, per batch), drop and count unusable rows, and for training give each
-    caption of an image its own row. Output columns: `image` (undecoded) and `caption` (str) or `references` (list)."""
+    caption of an image its own row. Output columns: `image` (undecoded) and `caption` (str) for training; `key`
+    (see `row_key`), `image` and `references` (list) for evaluation and prediction. With `require_caption=False`
+    (a test split to caption) rows without a caption stay, with no references, and `caption_column` may be None."""
     if isinstance(dataset.features, datasets.Features) and isinstance(
         dataset.features.get(image_column), datasets.Image
     ):
@@ -148,10 +161,15 @@ def prepare_split(
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset)))) if isinstance(
             dataset, datasets.Dataset) else dataset.take(max_samples)
+    if not one_row_per_caption:  # before rows are dropped, so that a row index is the one in the split
+        dataset = dataset.map(lambda row, index: {"key": row_key(row, image_column, index)}, with_indices=True)
+
+    def problem(row) -> str:
+        return _problem(row[image_column], row[caption_column] if caption_column else None, require_caption)
 
     if isinstance(dataset, datasets.Dataset):
         problems = dataset.map(
-            lambda row: {"problem": _problem(row[image_column], row[caption_column])},
+            lambda row: {"problem": problem(row)},
             remove_columns=dataset.column_names, num_proc=num_proc, desc="checking images and captions",
         )["problem"]
         for reason, count in Counter(problems).items():
@@ -161,7 +179,7 @@ def prepare_split(
     else:  # streaming: checked lazily as rows stream by, counted in this process
 
         def usable(row) -> bool:
-            reason = _problem(row[image_column], row[caption_column])
+            reason = problem(row)
             if reason:
                 skipped.add(reason)
             return not reason
@@ -169,11 +187,12 @@ def prepare_split(
         dataset = dataset.filter(usable)
 
     def to_rows(batch):
-        images, texts = batch[image_column], batch[caption_column]
+        images = batch[image_column]
+        texts = batch[caption_column] if caption_column else [None] * len(images)
         if one_row_per_caption:
             pairs = [(image, caption) for image, cell in zip(images, texts) for caption in captions_of(cell)]
             return {"image": [p[0] for p in pairs], "caption": [p[1] for p in pairs]}
-        return {"image": images, "references": [captions_of(cell) for cell in texts]}
+        return {"key": batch["key"], "image": images, "references": [captions_of(cell) for cell in texts]}
 
     columns = dataset.column_names
     return dataset.map(to_rows, batched=True, remove_columns=columns)
@@ -188,22 +207,27 @@ class CaptionCollator:
     `labels` (padding = -100) and, given the model, `decoder_input_ids` (the labels shifted right, made by the model's
     own `prepare_decoder_input_ids_from_labels`, as in `DataCollatorForSeq2Seq`): the Trainer's label smoother takes
     `labels` away from the model, which then needs them. Images are decoded here, lazily; for evaluation rows, the
-    first reference is the label (for the loss) and all count for the metrics."""
+    first reference is the label (for the loss) and all count for the metrics. A test row without references gets
+    labels of -100 only, and a batch where no row has one gets no labels (nothing to compute a loss on)."""
 
     processor: LoraCaptionerProcessor
     max_target_length: int = 32
     model: object | None = field(default=None, repr=False)
 
     def __call__(self, rows: list[dict]) -> dict:
-        captions = [row["caption"] if "caption" in row else row["references"][0] for row in rows]
         if VISION_FEATURES_COLUMN in rows[0]:  # cached by `cache_vision_features`: no image to decode
-            batch = dict(self.processor(text_target=captions, max_target_length=self.max_target_length))
-            batch["image_features"] = torch.stack([torch.as_tensor(row[VISION_FEATURES_COLUMN]) for row in rows])
+            batch = {"image_features": torch.stack([torch.as_tensor(row[VISION_FEATURES_COLUMN]) for row in rows])}
         else:
             images = [load_image(row["image"], f"row {i}") for i, row in enumerate(rows)]
-            batch = dict(self.processor(images=images, text_target=captions, max_target_length=self.max_target_length))
-        if self.model is not None:
-            batch["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+            batch = dict(self.processor(images=images))
+        captions = [row["caption"] if "caption" in row else (row["references"] or [None])[0] for row in rows]
+        labelled = [i for i, caption in enumerate(captions) if caption is not None]
+        if labelled:
+            caption_ids = self.processor.make_labels([captions[i] for i in labelled], self.max_target_length)
+            batch["labels"] = torch.full((len(rows), caption_ids.shape[1]), -100, dtype=caption_ids.dtype)
+            batch["labels"][labelled] = caption_ids
+            if self.model is not None:
+                batch["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
         return batch
 
 

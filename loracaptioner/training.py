@@ -1,8 +1,10 @@
-"""What train_hf.py needs beyond transformers and peft: the LoRA placement (decoder only), caption metrics, a Trainer
-that takes cached vision features, and finding the checkpoint to resume from."""
+"""Training pieces on top of transformers and peft: the LoRA placement (decoder only), caption metrics, a
+`Seq2SeqTrainer` that takes cached vision features and generates with the caption defaults, and finding the checkpoint
+to resume from."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -10,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from transformers import Seq2SeqTrainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -61,7 +63,10 @@ def exact_match(predictions: list[str], references: list[list[str]]) -> float:
 class CaptionTrainer(Seq2SeqTrainer):
     """`Seq2SeqTrainer` that also trains on cached vision features (`image_features`, from `cache_vision_features`):
     it runs the trainable bridge on them and hands the image tokens to the model as `encoder_outputs`, so only the
-    bridge and the decoder run. Batches with `pixel_values` go through unchanged."""
+    bridge and the decoder run. Batches with `pixel_values` go through unchanged.
+
+    Its evaluation and prediction give `generate()` one length setting: the model's `max_new_tokens`, or
+    `--generation_max_length` in its place when that is given."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "image_features" in inputs:
@@ -71,6 +76,21 @@ class CaptionTrainer(Seq2SeqTrainer):
             image_tokens = bridge(image_features.to(next(bridge.parameters()).dtype))
             inputs["encoder_outputs"] = (image_tokens,)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        gen_kwargs = gen_kwargs or dict(getattr(self, "_gen_kwargs", {}))  # what evaluate()/predict() were given
+        if gen_kwargs.get("max_length") is not None:  # --generation_max_length replaces the saved max_new_tokens
+            gen_kwargs.setdefault("max_new_tokens", None)
+        captioner = self.accelerator.unwrap_model(self.model)
+        captioner = captioner.get_base_model() if isinstance(captioner, PeftModel) else captioner
+        generation_config = copy.deepcopy(captioner.generation_config)
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+        finally:
+            # Seq2SeqTrainer.prediction_step (transformers 5.24) writes every global default (max_length=20, ...) into
+            # model.generation_config after generating: each later generate() then finds max_length beside
+            # max_new_tokens and warns, and a saved model would carry them. Keep the caption defaults.
+            captioner.generation_config = generation_config
 
 
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")

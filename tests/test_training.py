@@ -1,8 +1,9 @@
 """train_hf.py and its parts: data in three layouts, bad rows skipped and counted, LoRA on the decoder only, a short
-run that learns, adapter reload, merged == unmerged."""
+run that learns, adapter reload, merged == unmerged, generation without length warnings, and --do_predict."""
 
 import io
 import json
+import logging
 import sys
 import tarfile
 
@@ -108,27 +109,44 @@ def test_unknown_lora_target_lists_valid_names(model):
         decoder_lora_config(model, r=4, alpha=8, dropout=0.0, targets=["SelfAttention.qq"])
 
 
-@pytest.fixture(scope="module")
-def trained(data, backbones, tmp_path_factory):
-    """One short train_hf.py run: imagefolder data, LoRA, evaluation with generation, merged output."""
-    output_dir = tmp_path_factory.mktemp("run")
-    args = ["train_hf.py", "--vision_model_name_or_path", backbones[0], "--text_model_name_or_path", backbones[1],
-            "--train_dir", str(data[0]), "--validation_dir", str(data[0]), "--output_dir", str(output_dir),
-            "--do_train", "--do_eval", "--num_train_epochs", "6", "--per_device_train_batch_size", "8",
-            "--learning_rate", "5e-3", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.0",
-            "--logging_steps", "1", "--save_strategy", "epoch", "--save_total_limit", "1", "--report_to", "none",
-            "--use_cpu", "--seed", "0", "--disable_tqdm", "true", "--generation_max_length", "8"]
+def run_train_hf(args: list[str]) -> tuple[dict, str]:
+    """train_hf.py in this process: its summary, and its log (train_hf.py's and transformers' records)."""
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    loggers = [logging.getLogger(), logging.getLogger("transformers")]  # transformers' logger does not propagate
     original = sys.argv
-    sys.argv = args
+    sys.argv = ["train_hf.py", *args]
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
         summary = train_hf.main()
     finally:
         sys.argv = original
-    return output_dir, summary, backbones
+        for logger in loggers:
+            logger.removeHandler(handler)
+    return summary, log.getvalue()
+
+
+LENGTH_WARNING = "Both `max_new_tokens`"
+
+
+@pytest.fixture(scope="module")
+def trained(data, backbones, tmp_path_factory):
+    """One short train_hf.py run: imagefolder data, LoRA, evaluation with generation, merged output."""
+    output_dir = tmp_path_factory.mktemp("run")
+    summary, log = run_train_hf([
+        "--vision_model_name_or_path", backbones[0], "--text_model_name_or_path", backbones[1],
+        "--train_dir", str(data[0]), "--validation_dir", str(data[0]), "--output_dir", str(output_dir),
+        "--do_train", "--do_eval", "--num_train_epochs", "6", "--per_device_train_batch_size", "8",
+        "--learning_rate", "5e-3", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.0",
+        "--logging_steps", "1", "--save_strategy", "epoch", "--save_total_limit", "1", "--report_to", "none",
+        "--use_cpu", "--seed", "0", "--disable_tqdm", "true", "--generation_max_length", "8",
+    ])
+    return output_dir, summary, backbones, log
 
 
 def test_short_run_lowers_the_loss_and_reports_what_it_skipped(trained):
-    output_dir, summary, _ = trained
+    output_dir, summary, *_ = trained
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert losses[-1] < 0.5 * losses[0]
@@ -138,7 +156,7 @@ def test_short_run_lowers_the_loss_and_reports_what_it_skipped(trained):
 
 
 def test_adapter_holds_only_lora_and_bridge_and_reloads_to_identical_generations(trained, processor):
-    output_dir, _, backbones = trained
+    output_dir, _, backbones, _ = trained
     from safetensors import safe_open
 
     with safe_open(output_dir / "adapter" / "adapter_model.safetensors", "pt") as adapter:
@@ -169,6 +187,14 @@ def test_merged_folder_keeps_the_caption_generation_defaults_after_generate_eval
     saved = json.loads((trained[0] / "generation_config.json").read_text())
     assert saved["max_new_tokens"] == 32 and saved["no_repeat_ngram_size"] == 3
     assert "max_length" not in saved
+
+
+def test_training_log_has_no_generation_length_warning(trained):
+    """Evaluation generates with one length setting: --generation_max_length here, in place of the model's
+    max_new_tokens (not beside it), so no batch warns that both were set."""
+    log = trained[3]
+    assert "LoraCaptioner run summary" in log and "eval_cider" in log  # the whole run's log was captured
+    assert LENGTH_WARNING not in log
 
 
 @pytest.mark.parametrize("name", ["cc3m_seed.yaml", "demo.yaml"])
@@ -204,3 +230,121 @@ def test_report_to_tensorboard_writes_the_training_loss_under_output_dir_runs(da
     assert len(event_files) == 1
     events = EventAccumulator(str(event_files[0].parent)).Reload()
     assert [event.step for event in events.Scalars("train/loss")] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def test_split(tmp_path_factory):
+    """A held-out imagefolder: three captioned images, one without a caption, one that does not decode."""
+    folder = tmp_path_factory.mktemp("test-split")
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for key, image, captions in [("red", png_bytes(COLOURS["red"]), ["a red square"]),
+                                     ("blue", png_bytes(COLOURS["blue"]), ["a blue square", "the blue square"]),
+                                     ("green", png_bytes(COLOURS["green"]), ["a green square"]),
+                                     ("uncaptioned", png_bytes(COLOURS["yellow"]), []),
+                                     ("broken", b"not an image", ["a broken file"])]:
+            (folder / f"{key}.png").write_bytes(image)
+            metadata.write(json.dumps({"file_name": f"{key}.png", "caption": captions}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def predicted(trained, data, test_split, tmp_path_factory):
+    """Evaluation and prediction only, on the trained model: two evaluation batches, no --generation_max_length."""
+    output_dir = tmp_path_factory.mktemp("predict")
+    summary, log = run_train_hf([
+        "--model_name_or_path", str(trained[0]), "--validation_dir", str(data[0]), "--test_dir", str(test_split),
+        "--output_dir", str(output_dir), "--do_eval", "--do_predict", "--per_device_eval_batch_size", "2",
+        "--report_to", "none", "--use_cpu", "--disable_tqdm", "true",
+    ])
+    return output_dir, summary, log
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def generated_captions(model_dir, images) -> list[str]:
+    """What a user gets from the saved model's own generate() with its saved defaults."""
+    from loracaptioner import LoraCaptionerProcessor
+
+    model = LoraCaptionerForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = LoraCaptionerProcessor.from_pretrained(model_dir)
+    captions = processor.batch_decode(model.generate(**processor(images=images)), skip_special_tokens=True)
+    return [caption.strip() for caption in captions]
+
+
+def test_do_predict_writes_one_prediction_per_test_image_equal_to_generate(trained, predicted, test_split):
+    output_dir = predicted[0]
+    records = read_jsonl(output_dir / "generated_predictions.jsonl")
+    names = ["red", "blue", "green", "uncaptioned"]  # "broken" is skipped and counted
+    assert [record["key"] for record in records] == [str(test_split / f"{name}.png") for name in names]
+    assert [record["references"] for record in records] == [
+        ["a red square"], ["a blue square", "the blue square"], ["a green square"], []]
+    images = [Image.open(test_split / f"{name}.png") for name in names]
+    assert [record["caption"] for record in records] == generated_captions(trained[0], images)
+    # the validation split's corrupt image and empty caption, and the test split's corrupt image (its uncaptioned
+    # image is captioned, not skipped)
+    assert predicted[1]["skipped"] == {"undecodable image": 2, "empty caption": 1}
+
+
+def test_do_predict_scores_the_captions_that_have_references(predicted):
+    import evaluate
+
+    from loracaptioner.training import CAPTION_METRICS_PATH, exact_match
+
+    output_dir = predicted[0]
+    results = json.loads((output_dir / "predict_results.json").read_text())
+    assert results["predict_samples"] == 4 and results["predict_samples_with_references"] == 3
+    scored = [record for record in read_jsonl(output_dir / "generated_predictions.jsonl") if record["references"]]
+    captions, references = [r["caption"] for r in scored], [r["references"] for r in scored]
+    expected = evaluate.load(str(CAPTION_METRICS_PATH)).compute(predictions=captions, references=references)
+    assert results["predict_cider"] == pytest.approx(expected["cider"], abs=1e-6)
+    assert results["predict_bleu_4"] == pytest.approx(expected["bleu_4"], abs=1e-6)
+    assert results["predict_exact_match"] == pytest.approx(exact_match(captions, references), abs=1e-6)
+    assert "predict_loss" in results
+
+
+def test_a_run_without_do_train_writes_results_and_predictions_but_no_model_and_says_so(predicted):
+    output_dir, summary, log = predicted
+    assert {path.name for path in output_dir.iterdir()} == {
+        "eval_results.json", "predict_results.json", "all_results.json", "generated_predictions.jsonl",
+        "run_summary.json"}
+    assert summary["model"] is None and "eval_cider" in summary["eval"] and "predict_cider" in summary["predict"]
+    assert "no --do_train, so no model, adapter or card was written" in log
+
+
+def test_evaluation_and_prediction_over_several_batches_do_not_warn_about_lengths(predicted):
+    log = predicted[2]
+    assert "predict_cider" in log  # the whole run's log was captured
+    assert LENGTH_WARNING not in log
+
+
+def test_do_predict_on_streamed_shards_without_captions_writes_predictions_and_no_scores(trained, tmp_path):
+    shard = tmp_path / "test.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key, colour in (("sample-a", "red"), ("sample-b", "blue")):
+            payload = png_bytes(COLOURS[colour])
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    summary, _ = run_train_hf([
+        "--model_name_or_path", str(trained[0]), "--test_file", str(shard), "--streaming", "--output_dir",
+        str(tmp_path / "out"), "--do_predict", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true"])
+    records = read_jsonl(tmp_path / "out" / "generated_predictions.jsonl")
+    assert [(r["key"], r["references"]) for r in records] == [("sample-a", []), ("sample-b", [])]
+    images = [Image.open(io.BytesIO(png_bytes(COLOURS[colour]))) for colour in ("red", "blue")]
+    assert [record["caption"] for record in records] == generated_captions(trained[0], images)
+    results = json.loads((tmp_path / "out" / "predict_results.json").read_text())
+    assert results["predict_samples"] == 2 and results["predict_samples_with_references"] == 0
+    assert not any(name.startswith(("predict_cider", "predict_bleu", "predict_loss")) for name in results)
+
+
+def test_push_to_hub_without_do_train_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="--push_to_hub uploads the model this run trains: use it with --do_train"):
+        run_train_hf(["--output_dir", str(tmp_path), "--do_eval", "--push_to_hub", "--use_cpu"])
+
+
+def test_lora_with_a_trainable_vision_tower_is_refused(tmp_path):
+    """peft would silently keep the tower frozen, and the card would say it was trained."""
+    with pytest.raises(ValueError, match="--freeze_vision false with LoRA"):
+        run_train_hf(["--output_dir", str(tmp_path), "--do_train", "--freeze_vision", "false", "--use_cpu"])

@@ -62,9 +62,10 @@ class LoraCaptionerConfig(PreTrainedConfig):
         if text_config.num_decoder_layers < 1:
             raise ValueError(f"text_config.num_decoder_layers must be >= 1, got {text_config.num_decoder_layers}")
 
-        # The T5 encoder is not part of this model: its depth is the decoder's, which is what generate() sizes the
-        # key/value cache by (`num_hidden_layers` of the text config).
+        # The T5 encoder is not part of this model: text_config describes the decoder the model builds from it (the
+        # same object, so later changes reach it), and its depth is what generate() sizes the key/value cache by.
         text_config.num_layers = text_config.num_decoder_layers
+        text_config.is_decoder = text_config.is_encoder_decoder = True
         self.vision_config = vision_config
         self.text_config = text_config
         self.use_clip_projection = use_clip_projection

@@ -7,14 +7,14 @@ The T5 *text encoder* is never built: the image encoder takes its place, so `gen
 encoder-decoder model whose encoder input is `pixel_values`.
 """
 
-import copy
-
 import torch
 from torch import nn
 from transformers import CLIPVisionModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.t5.modeling_t5 import T5Stack
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 
 from .configuration_loracaptioner import LoraCaptionerConfig
 
@@ -24,6 +24,9 @@ from .configuration_loracaptioner import LoraCaptionerConfig
 CAPTION_GENERATION_DEFAULTS = {"max_new_tokens": 32, "no_repeat_ngram_size": 3}
 _AUTO_MODEL_REF = "modeling_loracaptioner.LoraCaptionerForConditionalGeneration"
 _CACHE = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
+# `forward(past_key_values=...)` becomes `cache=`: with the FutureWarning T5's own forward gives from 5.24 on (until
+# 5.40); silently before 5.24, whose generate() passes `past_key_values` (a deprecation "since 5.0" never warns).
+_OLD_CACHE_NAME = deprecate_kwarg("past_key_values", "5.40.0" if _CACHE == "cache" else "5.0", new_name="cache")
 
 
 class LoraCaptionerImageEncoder(nn.Module):
@@ -43,12 +46,12 @@ class LoraCaptionerImageEncoder(nn.Module):
         # The one new piece: map vision tokens into the T5 decoder's hidden size.
         self.bridge = nn.Linear(config.image_token_dim, config.text_config.d_model)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = True,
         **kwargs,
     ) -> BaseModelOutput:
         vision_outputs = self.vision_tower(
@@ -92,11 +95,7 @@ class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def __init__(self, config: LoraCaptionerConfig):
         super().__init__(config)
         self.encoder = LoraCaptionerImageEncoder(config)
-        decoder_config = copy.deepcopy(config.text_config)
-        decoder_config.is_decoder = True
-        decoder_config.is_encoder_decoder = True
-        decoder_config.num_layers = config.text_config.num_decoder_layers
-        self.decoder = T5Stack(decoder_config)
+        self.decoder = T5Stack(config.text_config)  # the config's own text_config, set up as a decoder there
         self.lm_head = nn.Linear(config.text_config.d_model, config.text_config.vocab_size, bias=False)
         # Original T5 (v1.0) scales the decoder output before its tied LM head; T5 v1.1 / Flan-T5 does not.
         self.scale_decoder_outputs = bool(getattr(config.text_config, "scale_decoder_outputs", False))
@@ -118,10 +117,16 @@ class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
         for module in filter(None, frozen):
             module.requires_grad_(False)
 
+    def initialize_weights(self) -> None:
+        # CLIP and T5 by their own schemes: inside a custom-code model transformers would skip their module-level inits
+        # (CLIPAttention's q_proj, T5Attention's q...). What a checkpoint filled stays, here as in `_init_weights`.
+        self.encoder.vision_tower.initialize_weights()
+        self.decoder.initialize_weights()
+        super().initialize_weights()
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # Only our own layers: CLIP and T5 sub-models are initialised by their own `_init_weights`, and
-        # `transformers.initialization` skips every tensor that was loaded from a checkpoint.
+        # Our own layers only; `transformers.initialization` skips every tensor loaded from a checkpoint.
         if module is self.lm_head:
             init.normal_(module.weight, mean=0.0, std=self.config.text_config.initializer_factor)
         elif isinstance(module, nn.Linear):
@@ -175,6 +180,9 @@ class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
         decoder_input_ids[:, 1:] = labels[:, :-1]
         return decoder_input_ids.masked_fill(decoder_input_ids == -100, self.config.pad_token_id)
 
+    @can_return_tuple  # `return_dict` (argument, else config)
+    @merge_with_config_defaults  # `use_cache` (argument, else config, else the decoder's own config)
+    @_OLD_CACHE_NAME
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -182,28 +190,27 @@ class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
         cache=None,
-        past_key_values=None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> Seq2SeqLMOutput:
         r"""
         pixel_values: `(batch, 3, H, W)` images from the processor; ignored when `encoder_outputs` is given.
         labels: `(batch, length)` caption ids; -100 marks positions left out of the loss. When `decoder_input_ids` is
             not given it is made from `labels` (shifted right behind `decoder_start_token_id`).
-        cache / past_key_values: the decoder's key/value cache (its name depends on the transformers version).
+        cache: the decoder's key/value cache (`past_key_values` before transformers 5.24).
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        # Unless given, from this model's config: an explicit None would reach CLIP and T5 as "off".
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        flags = {name: getattr(self.config, name) if value is None else value for name, value in flags.items()}
         if encoder_outputs is None:
             if pixel_values is None:
                 raise ValueError("LoraCaptioner needs `pixel_values` (or precomputed `encoder_outputs`).")
-            encoder_outputs = self.encoder(
-                pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states
-            )
+            encoder_outputs = self.encoder(pixel_values, **flags)
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(*encoder_outputs)
         image_tokens = encoder_outputs.last_hidden_state
@@ -212,14 +219,8 @@ class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
             decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
 
         decoder_outputs = self.decoder(
-            input_ids=decoder_input_ids,
-            attention_mask=decoder_attention_mask,
-            inputs_embeds=decoder_inputs_embeds,
-            encoder_hidden_states=image_tokens,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            **{_CACHE: cache if cache is not None else past_key_values},
+            input_ids=decoder_input_ids, attention_mask=decoder_attention_mask, inputs_embeds=decoder_inputs_embeds,
+            encoder_hidden_states=image_tokens, use_cache=use_cache, **flags, **{_CACHE: cache},
         )
         sequence_output = decoder_outputs[0]
         if self.scale_decoder_outputs:
@@ -230,9 +231,7 @@ class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if labels is not None:
             # Sum over tokens / tokens in the whole (accumulated) batch when the Trainer tells us that count.
             loss = nn.functional.cross_entropy(
-                logits.flatten(0, 1).float(),
-                labels.to(logits.device).flatten(),
-                ignore_index=-100,
+                logits.flatten(0, 1).float(), labels.to(logits.device).flatten(), ignore_index=-100,
                 reduction="mean" if num_items_in_batch is None else "sum",
             )
             if num_items_in_batch is not None:

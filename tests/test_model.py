@@ -1,9 +1,13 @@
 """The composition changes nothing: each half computes what transformers' own classes compute."""
 
+import copy
+
 import pytest
 import torch
-from transformers import CLIPVisionModelWithProjection, T5ForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutput
+from safetensors.torch import load_file, save_file
+from transformers import CLIPVisionModel, CLIPVisionModelWithProjection, T5ForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+from transformers.models.t5.modeling_t5 import T5Stack
 
 from loracaptioner import LoraCaptionerConfig, LoraCaptionerForConditionalGeneration
 from conftest import tiny_text_config, tiny_vision_config
@@ -145,3 +149,95 @@ def test_fresh_model_initialises_its_own_layers():
     std = model.encoder.bridge.weight.std().item()
     assert 0.5 * 24**-0.5 < std < 1.5 * 24**-0.5
     assert torch.isfinite(torch.cat([p.flatten() for p in model.parameters()])).all()
+
+
+CAPTION_INPUTS = dict(decoder_input_ids=torch.tensor([[0, 5, 9, 12], [0, 7, 8, 1]]))
+
+
+def _has_cache(output) -> bool:
+    return bool({"cache", "past_key_values"} & set(output.keys()))  # its name depends on the transformers version
+
+
+def test_config_output_flags_and_use_cache_are_forward_defaults(model):
+    """`model.config.output_hidden_states = True`, as users and libraries set it, is what forward does unless told."""
+    model.set_attn_implementation("eager")  # attentions can be output only from eager attention
+    inputs = dict(pixel_values=torch.randn(2, 3, 32, 32), **CAPTION_INPUTS)
+    with torch.no_grad():
+        plain = model(**inputs)
+    assert plain.encoder_hidden_states is None and plain.decoder_attentions is None and _has_cache(plain)
+
+    model.config.output_attentions = model.config.output_hidden_states = True
+    model.config.use_cache = False
+    with torch.no_grad():
+        told_by_config = model(**inputs)
+        told_by_arguments = model(**inputs, output_attentions=False, output_hidden_states=False, use_cache=True)
+    vision_layers, decoder_layers = model.config.vision_config.num_hidden_layers, model.config.text_config.num_layers
+    assert len(told_by_config.encoder_hidden_states) == vision_layers + 1
+    assert len(told_by_config.encoder_attentions) == vision_layers
+    assert len(told_by_config.decoder_hidden_states) == decoder_layers + 1
+    assert len(told_by_config.decoder_attentions) == len(told_by_config.cross_attentions) == decoder_layers
+    assert not _has_cache(told_by_config)
+    # An argument still wins over the config.
+    assert told_by_arguments.encoder_hidden_states is None and told_by_arguments.cross_attentions is None
+    assert _has_cache(told_by_arguments)
+
+
+def test_return_dict_false_gives_a_tuple(model):
+    inputs = dict(pixel_values=torch.randn(2, 3, 32, 32), labels=CAPTION_INPUTS["decoder_input_ids"])
+    with torch.no_grad():
+        as_dict = model(**inputs)
+        as_tuple = model(**inputs, return_dict=False)
+        model.config.return_dict = False
+        by_config = model(**inputs)
+    assert isinstance(as_tuple, tuple) and isinstance(by_config, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.loss)
+    torch.testing.assert_close(as_tuple[1], as_dict.logits)
+    torch.testing.assert_close(by_config[1], as_dict.logits)
+
+
+def test_decoder_runs_on_the_configs_own_text_config(model):
+    """`model.config.text_config` is the decoder's config: a change to it reaches the decoder."""
+    assert model.decoder.config is model.config.text_config
+    model.config.text_config.use_cache = False
+    with torch.no_grad():
+        output = model(pixel_values=torch.randn(2, 3, 32, 32), **CAPTION_INPUTS)
+    assert not _has_cache(output)
+
+
+@pytest.mark.skipif("cache" not in Seq2SeqLMOutput.__dataclass_fields__,
+                    reason="before transformers 5.24 `past_key_values` is the cache's only name")
+def test_past_key_values_still_works_with_a_deprecation_warning(model):
+    ids = CAPTION_INPUTS["decoder_input_ids"]
+    with torch.no_grad():
+        image_tokens = model.get_encoder()(torch.randn(2, 3, 32, 32))
+        full = model(encoder_outputs=image_tokens, decoder_input_ids=ids, use_cache=False).logits
+        cache = model(encoder_outputs=image_tokens, decoder_input_ids=ids[:, :3], use_cache=True).cache
+        with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+            old_name = model(encoder_outputs=image_tokens, decoder_input_ids=ids[:, 3:],
+                             past_key_values=copy.deepcopy(cache)).logits
+        new_name = model(encoder_outputs=image_tokens, decoder_input_ids=ids[:, 3:], cache=copy.deepcopy(cache)).logits
+    torch.testing.assert_close(old_name, new_name, rtol=0, atol=0)
+    torch.testing.assert_close(old_name[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)  # the cache was used, not dropped
+
+
+def test_weights_missing_from_a_checkpoint_get_clip_and_t5s_own_initialisation(model, tmp_path):
+    """transformers initialises what a checkpoint lacks with `_init_weights`: CLIP's and T5's own schemes, as their
+    classes give them (CLIP's q_proj is not N(0, 0.02); T5's q is not N(0, 1))."""
+    clip_q = "encoder.vision_tower.encoder.layers.0.self_attn.q_proj.weight"
+    t5_q = "decoder.block.0.layer.0.SelfAttention.q.weight"
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    save_file({name: tensor for name, tensor in saved.items() if name not in (clip_q, t5_q)},
+              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    torch.manual_seed(0)
+    loaded = LoraCaptionerForConditionalGeneration.from_pretrained(tmp_path)
+    clip = CLIPVisionModel(model.config.vision_config)
+    t5_decoder = T5Stack(copy.deepcopy(model.config.text_config))
+    own_schemes = {clip_q: clip.encoder.layers[0].self_attn.q_proj.weight,
+                   t5_q: t5_decoder.block[0].layer[0].SelfAttention.q.weight}
+    for name, reference in own_schemes.items():
+        ratio = loaded.state_dict()[name].std().item() / reference.std().item()
+        assert 0.8 < ratio < 1.25, (name, ratio)
+    for name, tensor in saved.items():  # and everything the checkpoint had stays as it was
+        if name not in own_schemes:
+            assert torch.equal(loaded.state_dict()[name], tensor), name

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -75,12 +76,56 @@ def _eval_results(eval_metrics: dict, dataset_label: str, dataset_id: str | None
     ]
 
 
+@dataclass(frozen=True)
+class TrainedParts:
+    """What a run trained, the one source of the card's opening sentence, its architecture table, its LoRA line and
+    its tags: so they cannot disagree. None: not recorded (a folder saved by hand)."""
+
+    vision_tower: str | None = None  # "frozen" or "fine-tuned"
+    decoder: str | None = None  # "LoRA" or "fine-tuned"
+    lora_modules: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, config: dict, lora_args=None) -> TrainedParts:
+        """From the saved config (`freeze_vision`) and train_hf.py's LoRA arguments (`lora_r`, `lora_target_modules`);
+        nothing is recorded without the LoRA arguments."""
+        if lora_args is None:
+            return cls()
+        return cls(
+            vision_tower="frozen" if config.get("freeze_vision", True) else "fine-tuned",
+            decoder="LoRA" if lora_args.lora_r > 0 else "fine-tuned",
+            lora_modules=tuple(lora_args.lora_target_modules) if lora_args.lora_r > 0 else (),
+        )
+
+    def summary(self) -> str:
+        """The card's opening sentence, less its subject."""
+        if self.decoder is None:
+            return ("a CLIP vision tower, a linear **bridge** and a **T5 decoder** that cross-attends to the image's "
+                    "patch tokens and writes the caption (the T5 text encoder is not used). How it was trained is "
+                    f"{NOT_RECORDED}")
+        decoder = (f"a **T5 decoder** adapted with **LoRA** (on its {', '.join(self.lora_modules)} modules)"
+                   if self.decoder == "LoRA" else "a fully fine-tuned **T5 decoder**")
+        return (f"a {self.vision_tower} **CLIP** vision tower, a trained linear **bridge**, and {decoder} that "
+                "cross-attends to the image's patch tokens and writes the caption (the T5 text encoder is not used)")
+
+    def table_cell(self, part: str) -> str:
+        """The 'trained' cell of the architecture table for `vision_tower`, `bridge` or `decoder`."""
+        if self.decoder is None:
+            return NOT_RECORDED
+        if part == "bridge":
+            return "yes"
+        if part == "decoder" and self.decoder == "LoRA":
+            return f"LoRA ({', '.join(self.lora_modules)})"
+        return getattr(self, part)
+
+
 def _value(option) -> str:
     """An argument as the command line spells it (`adamw_torch_fused`, not `OptimizerNames.ADAMW_TORCH_FUSED`)."""
     return str(getattr(option, "value", option))
 
 
-def _training_text(data_args, lora_args, training_args, state, skipped, num_train_rows: int | None) -> str:
+def _training_text(trained: TrainedParts, data_args, lora_args, training_args, state, skipped,
+                   num_train_rows: int | None) -> str:
     """The card's training section: what the run recorded, or one sentence when the folder was saved by hand."""
     if all(part is None for part in (data_args, lora_args, training_args, state, skipped, num_train_rows)):
         return f"{NOT_RECORDED.capitalize()}: this folder was saved outside train_hf.py."
@@ -102,14 +147,14 @@ def _training_text(data_args, lora_args, training_args, state, skipped, num_trai
     if state is not None and state.global_step:
         seen = f", {state.global_step * effective_batch:,} caption rows seen" if effective_batch else ""
         lines.insert(1, f"- Steps: {state.global_step:,} optimizer steps ({state.epoch or 0:.2f} epochs{seen}).")
-    if lora_args is None:
-        lines.append(f"- LoRA: {NOT_RECORDED}.")
-    elif lora_args.lora_r > 0:
+    if trained.decoder == "LoRA":
         merged = "merged into these weights" if getattr(lora_args, "merge_lora", True) else "kept as a separate adapter"
         lines.append(f"- LoRA: r={lora_args.lora_r}, alpha={lora_args.lora_alpha}, dropout={lora_args.lora_dropout} on "
-                     f"the decoder modules {', '.join(lora_args.lora_target_modules)}; {merged}.")
-    else:
+                     f"the decoder modules {', '.join(trained.lora_modules)}; {merged}.")
+    elif trained.decoder == "fine-tuned":
         lines.append("- LoRA: none, the decoder was fine-tuned fully.")
+    else:
+        lines.append(f"- LoRA: {NOT_RECORDED}.")
     return "\n".join(lines)
 
 
@@ -136,7 +181,7 @@ def write_model_card(output_dir, model_args=None, data_args=None, lora_args=None
     vision, text = config["vision_config"], config["text_config"]
     repo_id = repo_id or getattr(training_args, "hub_model_id", None) or f"your-name/{output_dir.resolve().name}"
     model_name = repo_id.split("/")[-1]
-    uses_lora = lora_args is None or lora_args.lora_r > 0  # a folder saved by hand: the model's design, LoRA
+    trained = TrainedParts.of(config, lora_args)
 
     base_model = base_model if base_model is not None else _base_models(config, model_args)
     train_label, train_dataset_id = _dataset_label(data_args, "train")
@@ -147,7 +192,7 @@ def write_model_card(output_dir, model_args=None, data_args=None, lora_args=None
     eval_results = _eval_results(eval_metrics or {}, eval_label or train_label or "custom", eval_dataset_id, eval_split)
 
     tags = ["image-captioning", "custom_code", "clip", "t5", "loracaptioner"]
-    if uses_lora:
+    if trained.decoder == "LoRA":
         tags[1:1] = ["lora", "peft"]
     card_data = ModelCardData(
         language="en", license=license, library_name="transformers", pipeline_tag="image-to-text", tags=tags,
@@ -170,6 +215,7 @@ def write_model_card(output_dir, model_args=None, data_args=None, lora_args=None
         card_data,
         template_path=str(TEMPLATE_PATH),
         model_name=model_name,
+        summary=trained.summary(),
         repo_id=repo_id,
         revision=revision or "main",
         space_text=(f"the [demo Space](https://huggingface.co/spaces/{space_id})" if space_id else
@@ -179,18 +225,19 @@ def write_model_card(output_dir, model_args=None, data_args=None, lora_args=None
                         f"{vision['patch_size']}, {vision['image_size']} px"),
         projection_note=(f", CLIP visual projection {vision['hidden_size']} → {vision['projection_dim']}"
                          if use_projection else ""),
-        vision_training="frozen" if config.get("freeze_vision", True) else "fine-tuned",
+        vision_training=trained.table_cell("vision_tower"),
+        bridge_training=trained.table_cell("bridge"),
         bridge_in=vision["projection_dim"] if use_projection else vision["hidden_size"],
         d_model=text["d_model"],
         text_summary=f"{text['num_decoder_layers']} layers, width {text['d_model']}, vocabulary {text['vocab_size']}",
         num_image_tokens=((vision["image_size"] // vision["patch_size"]) ** 2
                           + (0 if config.get("drop_cls_token", True) else 1)),
-        decoder_training="LoRA" if uses_lora else "fine-tuned",
+        decoder_training=trained.table_cell("decoder"),
         eval_table=eval_table,
         generation_text=", ".join(f"`{key}={value}`" for key, value in generation.items()
                                   if key in ("max_new_tokens", "no_repeat_ngram_size", "num_beams")) or "none saved",
         max_new_tokens=generation.get("max_new_tokens", 32),
-        training_text=_training_text(data_args, lora_args, training_args, state, skipped, num_train_rows),
+        training_text=_training_text(trained, data_args, lora_args, training_args, state, skipped, num_train_rows),
     )
     card.save(output_dir / "README.md")
     return card

@@ -1,12 +1,17 @@
 """The model card (README.md) of a saved folder: Hub metadata that huggingface_hub's own parsers accept, a model-index
-equal to the run's evaluation, and usage snippets that run as written."""
+equal to the run's evaluation, usage snippets that run as written, and prose, table and tags that say what a run
+really trained."""
 
 import contextlib
 import io
+import json
 import re
 import shlex
+import sys
 
+import numpy as np
 import pytest
+import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 from PIL import Image
@@ -99,6 +104,8 @@ def test_card_of_a_folder_saved_by_hand_has_no_model_index_and_no_local_paths(mo
     assert card.data.eval_results is None and "model-index" not in card.data.to_dict()
     assert card.data.base_model is None and card.data.pipeline_tag == "image-to-text"
     assert "No evaluation was run" in card.text and "saved outside train_hf.py" in card.text
+    assert "How it was trained is not recorded" in card.text and "lora" not in card.data.tags  # no claim of LoRA
+    assert "LoRA" not in card.text.split("## Usage")[0] and table_cell(card.text, "decoder") == "not recorded"
     assert str(tmp_path) not in card.content and "{{" not in card.content
     assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json",
             "modeling_loracaptioner.py"} <= {path.name for path in folder.iterdir()}
@@ -140,3 +147,78 @@ def test_usage_snippets_in_the_card_run_as_written(saved, tmp_path, monkeypatch)
             exec(block.replace("someone/loracaptioner-cc3m", str(saved)), {})  # noqa: S102 - the card's own code
     captions, piped = printed.getvalue().strip().splitlines()
     assert captions.startswith("['") and "generated_text" in piped
+
+
+def table_cell(text: str, part: str) -> str:
+    """The 'trained' cell of the card's architecture table for `part` ("vision tower", "bridge", "decoder")."""
+    row = next(line for line in text.splitlines() if line.startswith(f"| {part} |"))
+    return row.strip("| ").split(" | ")[-1]
+
+
+def opening(text: str) -> str:
+    """The card's first paragraph after the title."""
+    return text.split("\n\n")[1]
+
+
+DECODER_MODULES = ("SelfAttention.q, SelfAttention.k, EncDecAttention.q, EncDecAttention.k, DenseReluDense.wi_0, "
+                   "DenseReluDense.wi_1, DenseReluDense.wo")
+RUNS = {  # flags -> (opening sentence says, table: vision tower, decoder; LoRA line of the training section)
+    "lora": ([], ("a frozen **CLIP** vision tower",
+                  f"a **T5 decoder** adapted with **LoRA** (on its {DECODER_MODULES} modules)"),
+             ("frozen", f"LoRA ({DECODER_MODULES})"), f"dropout=0.0 on the decoder modules {DECODER_MODULES}"),
+    "full decoder": (["--lora_r", "0"], ("a frozen **CLIP** vision tower", "a fully fine-tuned **T5 decoder**"),
+                     ("frozen", "fine-tuned"), "LoRA: none, the decoder was fine-tuned fully"),
+    "tower trained": (["--lora_r", "0", "--freeze_vision", "false"],
+                      ("a fine-tuned **CLIP** vision tower", "a fully fine-tuned **T5 decoder**"),
+                      ("fine-tuned", "fine-tuned"), "LoRA: none, the decoder was fine-tuned fully"),
+}
+
+
+@pytest.fixture(scope="module")
+def four_images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("four")
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for i, colour in enumerate(["red", "blue", "green", "yellow"]):
+            pixels = np.full((32, 32, 3), [(200, 30, 30), (30, 30, 200), (30, 200, 30), (220, 220, 30)][i], np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+            metadata.write(json.dumps({"file_name": f"{i}.png", "caption": f"a {colour} square"}) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_card_of_a_run_says_what_it_trained_in_prose_table_training_section_and_tags(run, backbones, four_images,
+                                                                                      tmp_path):
+    from loracaptioner import LoraCaptionerForConditionalGeneration
+
+    flags, (vision_says, decoder_says), (vision_cell, decoder_cell), lora_line = RUNS[run]
+    original = sys.argv
+    sys.argv = ["train_hf.py", "--vision_model_name_or_path", backbones[0], "--text_model_name_or_path", backbones[1],
+                "--train_dir", str(four_images), "--output_dir", str(tmp_path), "--do_train", "--max_steps", "2",
+                "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--lora_dropout", "0.0",
+                "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", *flags]
+    try:
+        train_hf.main()
+    finally:
+        sys.argv = original
+    card = ModelCard.load(tmp_path / "README.md")
+    assert vision_says in opening(card.text) and decoder_says in opening(card.text)
+    assert (table_cell(card.text, "vision tower"), table_cell(card.text, "bridge"),
+            table_cell(card.text, "decoder")) == (vision_cell, "yes", decoder_cell)
+    assert lora_line in card.text
+    assert ({"lora", "peft"} <= set(card.data.tags)) == (run == "lora")
+    if run != "lora":
+        assert "LoRA" not in opening(card.text) and "adapted with" not in card.text
+    if run == "tower trained":
+        assert "frozen" not in card.text
+
+    # ... and that is what happened to the weights.
+    saved = LoraCaptionerForConditionalGeneration.from_pretrained(tmp_path).state_dict()
+    start = LoraCaptionerForConditionalGeneration.from_backbones(*backbones).state_dict()
+
+    def changed(name: str) -> bool:
+        return not torch.equal(saved[name], start[name])
+
+    tower = [name for name in start if name.startswith("encoder.vision_tower.")]
+    assert any(map(changed, tower)) == (vision_cell == "fine-tuned")
+    assert changed("decoder.block.0.layer.0.SelfAttention.q.weight")  # a LoRA target: changed either way
+    assert changed("decoder.block.0.layer.0.SelfAttention.v.weight") == (run != "lora")  # not a LoRA target

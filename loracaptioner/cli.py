@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_argument("--temperature", type=float)
     generation.add_argument("--top-p", type=float)
     generation.add_argument("--seed", type=int, help="random seed (makes --do-sample repeatable)")
+    generation.add_argument(
+        "--no-repeat-ngram-size", type=int,
+        help="no n-gram of this size twice in a caption (LoraCaptioner models save 3); 0 = off: plain greedy or beam "
+             "decoding, as benchmarks and the original LoraCaptioner use",
+    )
+    generation.add_argument("--repetition-penalty", type=float,
+                            help="penalise words already in the caption by this factor (1.0 = off)")
+    generation.add_argument("--length-penalty", type=float,
+                            help="beam search ranks captions by log-probability / length ** this (1.0, the default: "
+                                 "per-word average; higher favours longer captions, lower shorter ones)")
+    generation.add_argument("--min-new-tokens", type=int, help="no end of caption before this many tokens (0 = off)")
     hardware = caption.add_argument_group("hardware")
     hardware.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     hardware.add_argument(
@@ -300,7 +311,8 @@ def _first_line(error: Exception) -> str:
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
     """Only the options given: the rest come from the model's generation_config.json."""
-    names = ("num_beams", "max_new_tokens", "do_sample", "temperature", "top_p")
+    names = ("num_beams", "max_new_tokens", "do_sample", "temperature", "top_p", "no_repeat_ngram_size",
+             "repetition_penalty", "length_penalty", "min_new_tokens")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 

@@ -67,8 +67,15 @@ def jsonl(text: str) -> list[dict]:
         (["--prompt", "a photo of"], {"prompt": "a photo of"}),
         (["--do-sample", "--seed", "3", "--top-p", "0.9", "--temperature", "0.7"],
          {"seed": 3, "do_sample": True, "top_p": 0.9, "temperature": 0.7}),
+        (["--num-beams", "3", "--repetition-penalty", "1.5", "--length-penalty", "0.5", "--min-new-tokens", "6",
+          "--no-repeat-ngram-size", "2"],
+         {"num_beams": 3, "repetition_penalty": 1.5, "length_penalty": 0.5, "min_new_tokens": 6,
+          "no_repeat_ngram_size": 2}),
+        (["--no-repeat-ngram-size", "0", "--repetition-penalty", "1.0", "--length-penalty", "1.0",
+          "--min-new-tokens", "0"],
+         {"no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "length_penalty": 1.0, "min_new_tokens": 0}),
     ],
-    ids=["defaults", "beam-search", "prompt", "sampling"],
+    ids=["defaults", "beam-search", "prompt", "sampling", "repetition-and-length", "plain-greedy"],
 )
 def test_captions_equal_model_generate_with_the_same_options(model_dir, tmp_path, capsys, cli_options,
                                                             generate_options):
@@ -79,6 +86,35 @@ def test_captions_equal_model_generate_with_the_same_options(model_dir, tmp_path
     assert [r["path"] for r in records] == paths
     assert [r["caption"] for r in records] == generate_captions(model_dir, paths, **generate_options)
     assert all(r["caption"] for r in records)
+
+
+def save_repetitive_model(model_dir: str, folder: Path, word: str = "red") -> str:
+    """The original's failure in its purest form, saved: whatever the image, the decoder's state is the same, its
+    best next word is always `word` and its second best end-of-caption."""
+    model = LoraCaptionerForConditionalGeneration.from_pretrained(model_dir)
+    processor = LoraCaptionerProcessor.from_pretrained(model_dir)
+    word_id = processor.tokenizer.convert_tokens_to_ids("▁" + word)
+    with torch.no_grad():
+        for name, weight in model.decoder.named_parameters():  # every block adds nothing to the embedding...
+            if name.endswith(("SelfAttention.o.weight", "EncDecAttention.o.weight", "DenseReluDense.wo.weight")):
+                weight.zero_()
+        model.get_input_embeddings().weight.fill_(1.0)  # ... which is the same for every token
+        model.decoder.final_layer_norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[word_id] = 2.0 / model.config.text_config.d_model
+        model.lm_head.weight[model.config.text_config.eos_token_id] = 1.0 / model.config.text_config.d_model
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+def test_no_repeat_ngram_size_0_gives_plain_greedy_which_loops_where_the_default_stops(model_dir, tmp_path, capsys):
+    repetitive = save_repetitive_model(model_dir, tmp_path / "repetitive")
+    image = write_image(tmp_path / "a.png", 0)
+    code, out, _ = run([repetitive, image], capsys)
+    assert code == 0 and jsonl(out)[0]["caption"] == "red red red"  # the saved no_repeat_ngram_size=3
+    code, out, _ = run([repetitive, image, "--no-repeat-ngram-size", "0"], capsys)
+    assert code == 0 and jsonl(out)[0]["caption"] == " ".join(["red"] * 32)  # up to the saved max_new_tokens
 
 
 def test_folders_are_searched_recursively_and_globs_and_a_stdin_list_are_expanded(model_dir, tmp_path, capsys,

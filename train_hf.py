@@ -182,6 +182,10 @@ def main():
     skipped = SkipCounter()
 
     def load_split(split, data_dir, data_files, max_samples, for_training=False, for_prediction=False):
+        if not (data_args.dataset_name or data_dir or data_files):
+            name, flag = ("train", "--do_train") if for_training else ("test", "--do_predict") if for_prediction else (
+                "validation", "--do_eval")
+            raise ValueError(f"{flag} needs data: --{name}_dir, --{name}_file or --dataset_name (with --{name}_split)")
         raw = load_caption_dataset(data_args.dataset_name, data_args.dataset_config_name, split, data_dir, data_files,
                                    data_args.streaming, model_args.cache_dir)
         columns = list(raw.column_names or next(iter(raw.take(1))).keys())

@@ -348,3 +348,11 @@ def test_lora_with_a_trainable_vision_tower_is_refused(tmp_path):
     """peft would silently keep the tower frozen, and the card would say it was trained."""
     with pytest.raises(ValueError, match="--freeze_vision false with LoRA"):
         run_train_hf(["--output_dir", str(tmp_path), "--do_train", "--freeze_vision", "false", "--use_cpu"])
+
+
+def test_do_predict_without_test_data_names_the_flags_and_writes_nothing(trained, data, tmp_path):
+    """The issue's command: --validation_dir given, no test data. Refused before anything runs or is written."""
+    with pytest.raises(ValueError, match=r"--do_predict needs data: --test_dir, --test_file or --dataset_name"):
+        run_train_hf(["--model_name_or_path", str(trained[0]), "--validation_dir", str(data[0]), "--output_dir",
+                      str(tmp_path / "out"), "--do_predict", "--use_cpu"])
+    assert not (tmp_path / "out").exists()

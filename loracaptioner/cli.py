@@ -50,15 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     caption.add_argument("model", help="LoraCaptioner folder or Hub id (the base model when --adapter is given)")
     caption.add_argument(
-        "inputs", nargs="+",
+        "inputs", nargs="*",
         help="image files, folders (searched recursively), globs ('photos/**/*.jpg'), http(s) URLs, or - to read "
-             "one of those per line from stdin",
+             "one of those per line from stdin; webdataset .tar and .parquet files, globs and brace patterns of them "
+             "('shards/{00000..00099}.tar') are captioned shard by shard",
     )
     caption.add_argument("--adapter", help="peft adapter folder (LoRA + bridge, as train_hf.py writes) to merge")
     caption.add_argument("--revision", help="Hub revision (branch, tag or commit sha) of MODEL")
     caption.add_argument("--output", "-o", help="file to write (default: stdout); a re-run skips what it captioned")
-    caption.add_argument("--format", choices=("jsonl", "csv", "tsv"),
-                         help="output format (default: from --output's suffix, else jsonl)")
+    caption.add_argument("--format", choices=("jsonl", "csv", "tsv", "parquet", "datasets"),
+                         help="output format (default: from --output's suffix, else jsonl); parquet and datasets (a "
+                              "folder that datasets.load_dataset loads) for runs over shards")
     caption.add_argument("--batch-size", type=int, default=8)
     caption.add_argument("--prompt", help="start of every caption, which the model continues (e.g. 'a photo of')")
     generation = caption.add_argument_group("generation (default: the model's generation_config.json)")
@@ -86,11 +88,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bfloat16 on a GPU that supports it, else float32. On a CPU, bfloat16 pays only with bf16 matrix "
              "units (Intel AMX); without them it can be many times slower than float32",
     )
-    hardware.add_argument("--num-workers", type=int, default=4, help="threads that read, download and decode images")
+    hardware.add_argument("--num-workers", type=int, default=4,
+                          help="threads that read, download and decode images; over shards, DataLoader worker "
+                               "processes per process that also run the image processor")
     inputs = caption.add_argument_group("inputs")
     inputs.add_argument("--url-timeout", type=float, default=30.0, help="seconds allowed per URL download")
     inputs.add_argument("--max-url-bytes", type=int, default=50_000_000, help="largest download accepted per URL")
+    scale = caption.add_argument_group(
+        "at scale: webdataset, parquet, datasets; several processes (torchrun / accelerate launch); see loracaptioner/"
+        "bulk.py")
+    scale.add_argument("--dataset", help="Hub dataset id or local dataset folder to caption")
+    scale.add_argument("--dataset-config", "--dataset_config", dest="dataset_config", help="the dataset's config")
+    scale.add_argument("--split", default="train", help="the dataset split to caption (default: train)")
+    scale.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it first")
+    scale.add_argument("--image-column", "--image_column", dest="image_column",
+                       help="column of images (bytes, {bytes, path} or file paths) of a dataset or parquet files "
+                            "(default: image, jpg, png, ... whichever exists)")
+    scale.add_argument("--key-column", "--key_column", dest="key_column",
+                       help="column that names a row in the output (default: __key__ or key, else the row index)")
+    scale.add_argument("--shard-size", type=int, default=1000,
+                       help="files, or rows of a non-streaming dataset, per shard (a tar or parquet file is one "
+                            "shard, and so is each data file of a streaming dataset)")
+    scale.add_argument("--push-to-hub", "--push_to_hub", dest="push_to_hub", metavar="REPO_ID",
+                       help="upload the captions as a Hub dataset repo (parquet files + dataset card)")
+    scale.add_argument("--hub-private", action="store_true", help="create that dataset repo private")
     caption.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    merge = commands.add_parser(
+        "merge", help="join the per-shard parts of a caption run into its output",
+        description="Join OUTPUT.parts/ (left by `loracaptioner caption ... --output OUTPUT` over shards) into OUTPUT, "
+                    "in input order. Rank 0 does it at the end of a run; this does it again, in another format, or "
+                    "after parts from several machines were copied together.")
+    merge.add_argument("output", help="the --output of the caption run")
+    merge.add_argument("--to", metavar="PATH", help="write there instead of OUTPUT (format from its suffix)")
+    merge.add_argument("--format", choices=("jsonl", "csv", "tsv", "parquet", "datasets"),
+                       help="default: from OUTPUT's suffix, else jsonl")
+    merge.add_argument("--split", default="train", help="split name in a datasets folder (default: train)")
+    merge.add_argument("--push-to-hub", "--push_to_hub", dest="push_to_hub", metavar="REPO_ID",
+                       help="upload the captions as a Hub dataset repo")
+    merge.add_argument("--hub-private", action="store_true", help="create that dataset repo private")
     return parser
 
 
@@ -325,6 +361,10 @@ def caption_batch(model, processor, images: list, args: argparse.Namespace) -> l
 
 # ------------------------------------------------------------------------------------------------------------ main
 def caption(args: argparse.Namespace) -> int:
+    from .bulk import caption_command, uses_shards
+
+    if uses_shards(args):  # datasets, tar or parquet inputs, or several processes
+        return caption_command(args)
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     output_format = args.format or {".csv": "csv", ".tsv": "tsv"}.get(Path(args.output or "").suffix.lower(), "jsonl")
@@ -388,6 +428,10 @@ def caption(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "merge":
+            from .bulk import merge_command
+
+            return merge_command(args)
         return caption(args)
     except UsageError as error:
         print(f"loracaptioner: error: {error}", file=sys.stderr)

@@ -103,3 +103,14 @@ def images() -> list[Image.Image]:
         Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8), mode="L"),
         Image.fromarray(rng.integers(0, 255, (50, 50, 4), dtype=np.uint8), mode="RGBA"),
     ]
+
+
+# transformers_sdist/ loads transformers' common tests; its stand-in modules are not tests of this project.
+collect_ignore = ["transformers_sdist"]
+
+
+def pytest_configure(config):
+    # Marks on transformers' common tests (test_transformers_common.py); its conftest.py, not in the sdist, has them.
+    for mark in ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "slow",
+                 "torch_compile_test"):
+        config.addinivalue_line("markers", f"{mark}: a mark of transformers' own common tests")

@@ -2,11 +2,14 @@
 `transformers>=5.20,<6`: load + caption + loss must hold on the oldest declared release and on the newest one.
 
 The newest release is the one in this (main) virtual environment. The oldest gets a virtual environment of its own,
-`<repo>/.venv-transformers-5.20.0`, built once and reused (a marker file says it is complete), holding only what a Hub
-user needs: torch, transformers, pillow, sentencepiece, safetensors, numpy -- not this package, not peft.
+`<repo>/.venv-transformers-5.20.0`, built once and reused (a marker file says it is complete), holding what a Hub
+user needs: torch, transformers, pillow, sentencepiece, safetensors, numpy -- not this package, not peft -- and the
+two test runners transformers' own common tests need (pytest, parameterized).
 
 Each runs, as a Hub user would, a folder saved here: from_pretrained(trust_remote_code=True), greedy and beam
 captions, pipeline("image-text-to-text") captions, a training loss; all must match this package's own model exactly.
+The oldest also runs test_transformers_common.py, i.e. transformers' common model tests of that release, against this
+checkout's model.
 
 Building it needs pip to reach a package index. Without one the test fails; set LORACAPTIONER_ALLOW_SKIP_VERSIONS=1
 to skip it instead (never in CI, which must run it).
@@ -31,6 +34,7 @@ NEWEST = transformers.__version__  # the main venv has the newest release
 VERSIONS = list(dict.fromkeys([OLDEST, NEWEST]))
 TORCH_REQUIREMENT = "torch==2.13.0"  # first and pinned: a bare `torch` would pull a multi-GB CUDA build
 USER_PACKAGES = ["pillow", "sentencepiece", "safetensors", "numpy"]
+TEST_PACKAGES = ["pytest", "parameterized"]  # for test_transformers_common.py
 MARKER = ".loracaptioner-venv-complete"
 ALLOW_SKIP = os.environ.get("LORACAPTIONER_ALLOW_SKIP_VERSIONS") == "1"
 LABEL_CAPTIONS = ["a red circle on the left", "the big dog with a tree"]
@@ -107,10 +111,11 @@ def _clean_env(**updates) -> dict[str, str]:
 
 
 def _build_venv(version: str) -> Path:
-    """`<repo>/.venv-transformers-<version>` with only a Hub user's packages; built once, rebuilt if incomplete."""
+    """`<repo>/.venv-transformers-<version>` with a Hub user's packages (+ test runners); built once, rebuilt if
+    incomplete."""
     venv = REPO / f".venv-transformers-{version}"
     python = venv / "bin" / "python"
-    requirements = [TORCH_REQUIREMENT, f"transformers=={version}", *USER_PACKAGES]
+    requirements = [TORCH_REQUIREMENT, f"transformers=={version}", *USER_PACKAGES, *TEST_PACKAGES]
     marker = venv / MARKER
     if marker.is_file() and python.exists() and marker.read_text() == json.dumps(requirements):
         return python
@@ -199,3 +204,13 @@ def test_old_environment_is_a_bare_hub_user(tmp_path):
     result = _run([_python(OLDEST), "-c", probe], cwd=tmp_path, env=_clean_env(), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout) == {"loracaptioner": False, "peft": False}
+
+
+@pytest.mark.skipif(OLDEST == NEWEST, reason="the main venv has the oldest version and runs the common tests")
+def test_transformers_common_tests_pass_on_the_oldest_transformers():
+    """transformers' own common model tests, from the oldest release's sdist, pass in its environment too."""
+    command = [_python(OLDEST), "-m", "pytest", "-q", "tests/test_transformers_common.py"]
+    result = _run(command, cwd=REPO, env=_clean_env(HF_HUB_OFFLINE="1"), timeout=900)
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0 and " passed" in summary, f"{result.stdout[-8000:]}\n{result.stderr[-3000:]}"
+    print(f"transformers {OLDEST}: {summary}")

@@ -2,8 +2,9 @@
 
 They come from the sdist of the installed transformers (see transformers_sdist/), so a new release's new common tests
 run here as soon as the main venv has it; tests/test_transformers_versions.py runs this file on the oldest supported
-release too. A test is skipped only where transformers' own comparable models (Pix2Struct, BLIP,
-VisionEncoderDecoder) skip it, with their reason.
+release too. This file skips a test only where transformers' own comparable models (Pix2Struct, BLIP,
+VisionEncoderDecoder) skip it, with their reason; the mixin's own skips (no accelerator, no flash-attn, no deepspeed,
+nothing of the kind in this model) are its own.
 """
 
 import unittest

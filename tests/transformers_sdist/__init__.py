@@ -11,6 +11,7 @@ holds one small stand-in for each of those imports, and nothing else.
 
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -45,6 +46,7 @@ def _fetch(version: str) -> Path:
         with tarfile.open(Path(download) / f"transformers-{version}.tar.gz") as sdist:
             for name in FILES:
                 (staged / PACKAGE / name).write_bytes(sdist.extractfile(f"transformers-{version}/tests/{name}").read())
+        shutil.rmtree(root, ignore_errors=True)  # an incomplete one
         os.replace(staged, root)  # all files or none, should a run be interrupted
     return root
 

@@ -27,6 +27,11 @@ METRIC_NAMES = {
 }
 HUB_METRICS = ["cider", "bleu", "rouge", "exact_match"]  # the card's `metrics:` field (Hub metric ids)
 NOT_RECORDED = "not recorded"
+# The card's `widget:` example images (the Hub's own sample images, as other image-to-text cards use them)
+WIDGET_EXAMPLES = [
+    {"src": f"https://huggingface.co/datasets/mishig/sample_images/resolve/main/{name}", "example_title": title}
+    for name, title in (("tiger.jpg", "Tiger"), ("teapot.jpg", "Teapot"), ("football-match.jpg", "Football match"))
+]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -197,7 +202,7 @@ def write_model_card(output_dir, model_args=None, data_args=None, lora_args=None
     card_data = ModelCardData(
         language="en", license=license, library_name="transformers", pipeline_tag="image-to-text", tags=tags,
         base_model=base_model or None, datasets=datasets or None, metrics=HUB_METRICS if eval_results else None,
-        model_name=model_name if eval_results else None, eval_results=eval_results or None,
+        model_name=model_name if eval_results else None, eval_results=eval_results or None, widget=WIDGET_EXAMPLES,
     )
 
     if eval_results:

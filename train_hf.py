@@ -41,7 +41,7 @@ from loracaptioner.data import (
     load_caption_dataset,
     prepare_split,
 )
-from loracaptioner.hub import push_folder
+from loracaptioner.hub import push_folder, write_endpoint_handler
 from loracaptioner.model_card import write_model_card
 from loracaptioner.training import (
     CAPTION_METRICS_PATH,
@@ -339,6 +339,7 @@ def main():
                              training_args=training_args, state=trainer.state, eval_metrics=summary.get("eval"),
                              skipped=skipped, num_train_rows=None if data_args.streaming or train_dataset is None
                              else len(train_dataset))
+            write_endpoint_handler(training_args.output_dir)  # handler.py for Inference Endpoints
             model_dir = os.path.abspath(training_args.output_dir)
         else:
             model_dir = os.path.abspath(os.path.join(training_args.output_dir, "adapter"))

@@ -159,6 +159,7 @@ def convert_original(
         peft_model.unload().save_pretrained(output_dir)
     LoraCaptionerProcessor.from_backbones(vision_model, text_model).save_pretrained(output_dir)
     if write_card and merge:
+        from .hub import write_endpoint_handler
         from .model_card import write_model_card
 
         write_model_card(
@@ -168,6 +169,7 @@ def convert_original(
             lora_args=SimpleNamespace(lora_r=original_config.r, lora_alpha=original_config.lora_alpha,
                                       lora_dropout=original_config.lora_dropout, lora_target_modules=targets),
         )
+        write_endpoint_handler(output_dir)  # handler.py for Inference Endpoints
     logger.info(f"wrote {'merged LoraCaptioner' if merge else 'base LoraCaptioner and adapter/'} to {output_dir}")
     return output_dir
 

@@ -62,26 +62,26 @@ def caption_command(args: argparse.Namespace) -> int:
                          "OUTPUT.parts/ folder keeps each shard's captions")
     if args.batch_size < 1 or args.shard_size < 1:
         raise UsageError("--batch-size and --shard-size must be at least 1")
-    output_format = records_io.output_format_of(args.output, args.format)
-    if args.push_to_hub and output_format != "datasets" and Path(args.output).suffix == "":
-        raise UsageError("give --output a suffix (.jsonl, .csv, .parquet) or a trailing / for a datasets folder")
-    try:
-        shards = find_shards(args.inputs, stdin=sys.stdin if "-" in args.inputs else (), shard_size=args.shard_size,
-                             image_column=args.image_column, key_column=args.key_column,
-                             url_timeout=args.url_timeout, max_url_bytes=args.max_url_bytes)
-        if args.dataset:
-            shards += dataset_shards(args.dataset, config=args.dataset_config, split=args.split,
-                                     streaming=args.streaming, image_column=args.image_column,
-                                     key_column=args.key_column, shard_size=args.shard_size)
-    except (ValueError, FileNotFoundError) as error:
-        raise UsageError(str(error)) from None
-    if not shards:
-        raise UsageError("no inputs found")
     if args.device not in ("auto", "cpu") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("with several processes the launcher assigns devices: use --device auto or cpu")
     use_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
     state = PartialState(cpu=use_cpu)
     device = state.device if args.device == "auto" or state.num_processes > 1 else torch.device(args.device)
+    try:
+        with state.main_process_first():  # rank 0 downloads and prepares a dataset, the others then read its cache
+            shards = find_shards(args.inputs, stdin=sys.stdin if "-" in args.inputs else (),
+                                 shard_size=args.shard_size, image_column=args.image_column,
+                                 key_column=args.key_column, url_timeout=args.url_timeout,
+                                 max_url_bytes=args.max_url_bytes)
+            if args.dataset:
+                shards += dataset_shards(args.dataset, config=args.dataset_config, split=args.split,
+                                         streaming=args.streaming, image_column=args.image_column,
+                                         key_column=args.key_column, shard_size=args.shard_size)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from None
+    if not shards:
+        raise UsageError("no inputs found")
+    output_format = records_io.output_format_of(args.output, args.format)
     generation = generation_kwargs(args)
     job = CaptionJob(
         output=args.output, output_format=output_format, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -181,8 +181,8 @@ def caption_shards(shards: list[Shard], job: CaptionJob, load_model: Callable[[]
     `load_model()` returns (model, processor) on this rank's device. Returns the exit status."""
     parts = records_io.Parts(job.output)
     rank, world_size = state.process_index, state.num_processes
-    columns = (["path"] if any(isinstance(s, FileListShard) for s in shards) else []) + (
-        ["shard", "key"] if any(not isinstance(s, FileListShard) for s in shards) else []) + ["caption", "error"]
+    files = [isinstance(shard, FileListShard) for shard in shards]
+    columns = ["path"] * any(files) + ["shard", "key"] * (not all(files)) + ["caption", "error"]
     plan = [None]
     if state.is_main_process:
         try:
@@ -223,19 +223,20 @@ def caption_shards(shards: list[Shard], job: CaptionJob, load_model: Callable[[]
         while not board.all_finished():  # the other ranks' last shards
             progress.refresh()
             time.sleep(0.2)
+            failed = [status for status in board.read_all() if status.get("failed")]
+            if failed:  # (a launcher stops the other processes when one fails; in case it does not)
+                raise RuntimeError(f"rank {failed[0]['rank']} stopped: {failed[0]['failed']}")
         progress.refresh(force=True)
         progress.close()
         elapsed = time.monotonic() - started
         result = records_io.merge(job.output, job.output_format, job.split)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as error:
-        board.report(failed=f"{type(error).__name__}: {error}")
+    except Exception as error:  # reported, then raised again: a failure stops the run
+        board.report(failed=f"{type(error).__name__}: {_last_line(error)}")
         if progress is not None:
             progress.close()
         if isinstance(error, ShardError):
-            raise UsageError(f"{error}. Finished shards are kept in {parts.folder}: fix or leave out that shard and "
-                             "rerun the same command") from None
+            raise UsageError(f"{_last_line(error)}. Finished shards are kept in {parts.folder}: fix or leave out that "
+                             "shard and rerun the same command") from None
         print(f"loracaptioner: stopped by {type(error).__name__}; finished shards are kept in {parts.folder}, and "
               "rerunning the same command captions only the rest", file=sys.stderr)
         raise
@@ -258,7 +259,9 @@ def caption_my_shards(shards: list[Shard], model, processor, job: CaptionJob, pa
     try:
         for batch in loader:
             name = batch["shard"]
-            writer = writers.get(name) or writers.setdefault(name, parts.open(name))
+            if name not in writers:
+                writers[name] = parts.open(name)
+            writer = writers[name]
             if batch["inputs"] is not None:
                 if job.generation.get("do_sample") and job.seed is not None:
                     torch.manual_seed(batch_seed(job.seed, name, batch["number"]))
@@ -277,6 +280,12 @@ def caption_my_shards(shards: list[Shard], model, processor, job: CaptionJob, pa
     finally:
         for writer in writers.values():  # unfinished: left as .partial, captioned again by the rerun
             writer.abandon()
+
+
+def _last_line(error: Exception) -> str:
+    """The message of an error, without the traceback a DataLoader worker adds to what it raises again."""
+    lines = str(error).strip().splitlines() or [""]
+    return lines[-1].split(f"{type(error).__name__}: ", 1)[-1]
 
 
 def generate_captions(model, processor, inputs: dict, generation: dict) -> list[str]:
@@ -384,7 +393,8 @@ def print_summary(statuses: list[dict], elapsed: float, result: records_io.Merge
              + (f"; {finished_before} shards were already done" if finished_before else "")]
     for status in sorted(statuses, key=lambda status: status["rank"]):
         rate = status["records"] / max(status["seconds"], 1e-9)
-        lines.append(f"  rank {status['rank']}: {status['records']:,} images, {status['shards']} shards, "
+        lines.append(f"  rank {status['rank']}: {status['records']:,} images, {status['shards']} shard"
+                     f"{'s' if status['shards'] != 1 else ''}, "
                      f"{status['seconds']:.1f} s, {rate:.1f} images/s")
     if len(statuses) > 1 and records:
         busiest = max(status["records"] for status in statuses)

@@ -377,11 +377,12 @@ def estimate_counts(shards: list[Shard]) -> list[int | None]:
     one's count scaled by file size (img2dataset writes shards of equal sample counts)."""
     counts = [shard.count() for shard in shards]
     tars = [shard for shard in shards if isinstance(shard, TarShard)]
-    if tars:
-        first = tars[0]
-        per_byte = first.count_images() / max(Path(first.path).stat().st_size, 1)
-        for i, shard in enumerate(shards):
-            if isinstance(shard, TarShard):
-                counts[i] = round(Path(shard.path).stat().st_size * per_byte)
+    try:
+        per_byte = tars[0].count_images() / max(Path(tars[0].path).stat().st_size, 1) if tars else 0
+    except (tarfile.TarError, EOFError, OSError, zlib.error):
+        return counts  # unknown: the shard's own reading will say what is wrong with it
+    for i, shard in enumerate(shards):
+        if isinstance(shard, TarShard):
+            counts[i] = round(Path(shard.path).stat().st_size * per_byte)
     return counts
 

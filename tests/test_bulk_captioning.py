@@ -180,6 +180,18 @@ def test_a_failure_of_the_model_stops_the_run_and_the_rerun_does_only_the_rest(o
     assert caption([*args, "--num-beams", "2"]) == 2  # other settings would mix captions of two kinds: refused
 
 
+def test_a_shard_that_cannot_be_read_stops_the_run_with_one_line(model_dir, shards, tmp_path, capsys):  # noqa: F811
+    (tmp_path / "truncated.tar").write_bytes((shards / "00000.tar").read_bytes()[:3000])
+    args = [model_dir, str(shards / "00001.tar"), str(tmp_path / "truncated.tar"), "-o", str(tmp_path / "c.jsonl"),
+            "--num-workers", "1"]
+    for _ in range(2):  # the second time, shard 00001 is done and the truncated one is the first left
+        assert caption(args) == 2
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert error.startswith(f"loracaptioner: error: cannot read webdataset shard {tmp_path / 'truncated.tar'} (")
+        assert error.endswith("rerun the same command")
+    assert [path.name[:9] for path in (tmp_path / "c.jsonl.parts").glob("*.jsonl")] == ["00001.tar"]
+
+
 @pytest.fixture(scope="module")
 def image_rows(tmp_path_factory) -> list[dict]:
     """Rows of an image dataset as `datasets` stores them ({bytes, path}); row 1's bytes do not decode, row 3 is a
@@ -225,7 +237,8 @@ def test_datasets_and_parquet_with_bad_images_finish_with_error_records(model_di
 def test_datasets_folder_output_loads_with_load_dataset_and_merge_writes_other_formats(one_process, model_dir,  # noqa: F811
                                                                                       shards, tmp_path):
     output = tmp_path / "captions"
-    assert caption([model_dir, str(shards / "0000[0-2].tar"), "-o", f"{output}/", "--batch-size", "2"]) == 1
+    assert caption([model_dir, str(shards / "0000[0-2].tar"), "-o", f"{output}/", "--batch-size", "2",
+                    "--num-workers", "1"]) == 1
     loaded = datasets.load_dataset(str(output), split="train")
     reference = read_jsonl(one_process)[: 3 * PER_SHARD]
     assert loaded.column_names == ["shard", "key", "caption", "error"]

@@ -243,9 +243,10 @@ def main():
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             model = get_peft_model(model, decoder_lora_config(model, lora_args.lora_r, lora_args.lora_alpha,
                                                               lora_args.lora_dropout, lora_args.lora_target_modules))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    logger.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    if training_args.do_train:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        logger.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 
     # 4. Metrics: CIDEr-D, BLEU-1..4, ROUGE-L (local evaluate module) and exact match, against every reference.
     def decode(predicted_ids) -> list[str]:

@@ -208,8 +208,9 @@ def write_model_card(output_dir, model_args=None, data_args=None, lora_args=None
     if eval_results:
         num_beams = getattr(training_args, "generation_num_beams", None) or generation.get("num_beams", 1)
         decoding = "greedy decoding" if num_beams == 1 else f"beam search ({num_beams} beams)"
-        max_length = getattr(training_args, "generation_max_length", None)
-        decoding += f" up to {max_length} tokens" if max_length else " with the saved generation defaults"
+        decoding += " with the saved generation defaults"
+        max_length = getattr(training_args, "generation_max_length", None)  # it counts the decoder's start token
+        decoding += f", at most {max_length - 1} new tokens" if max_length else ""
         rows = "\n".join(f"| {result.metric_name} | {result.metric_value:.4f} |" for result in eval_results)
         eval_table = (f"On {eval_results[0].dataset_name} ({eval_results[0].dataset_split} split), "
                       f"{decoding}:\n\n| metric | value |\n|---|---|\n{rows}")

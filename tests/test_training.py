@@ -179,6 +179,8 @@ def test_merged_folder_is_hub_ready(trained):
     names = {path.name for path in output_dir.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json", "README.md",
             "modeling_loracaptioner.py", "configuration_loracaptioner.py", "processing_loracaptioner.py"} <= names
+    card = (output_dir / "README.md").read_text()
+    assert "greedy decoding with the saved generation defaults, at most 7 new tokens" in card  # --generation_max_length 8
 
 
 def test_merged_folder_keeps_the_caption_generation_defaults_after_generate_evaluation(trained):

@@ -154,14 +154,6 @@ def main():
     logger.info(f"Training/evaluation parameters {training_args}")
     set_seed(training_args.seed)
 
-    if model_args.cache_vision_features and (data_args.streaming or not model_args.freeze_vision):
-        raise ValueError("--cache_vision_features needs a frozen vision tower (--freeze_vision true) and a map-style "
-                         f"dataset (no --streaming); got freeze_vision={model_args.freeze_vision}, "
-                         f"streaming={data_args.streaming}")
-    if training_args.do_train and lora_args.lora_r > 0 and not model_args.freeze_vision:
-        raise ValueError("--freeze_vision false with LoRA (--lora_r > 0): peft trains only the LoRA adapters and the "
-                         "bridge, so the vision tower would stay frozen. Add --lora_r 0 to fine-tune the tower and the "
-                         "decoder in full.")
 
     # Resume: from --resume_from_checkpoint PATH, else (or with `true`) from output_dir's last *complete* checkpoint.
     resume_from_checkpoint = training_args.resume_from_checkpoint
@@ -217,22 +209,19 @@ def main():
             raise ValueError(f"no test rows to caption (skipped: {skipped.summary()})")
 
     # 3. Model and processor: two backbones (new bridge) or an existing LoraCaptioner; then LoRA on the decoder.
+    # The model's config decides what trains (`freeze_vision`); the processor's, how long a caption label gets.
     if model_args.model_name_or_path:
-        model = LoraCaptionerForConditionalGeneration.from_pretrained(model_args.model_name_or_path,
-                                                                      cache_dir=model_args.cache_dir)
+        model = LoraCaptionerForConditionalGeneration.from_pretrained(
+            model_args.model_name_or_path, cache_dir=model_args.cache_dir, freeze_vision=model_args.freeze_vision)
         processor = LoraCaptionerProcessor.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
     else:
         model = LoraCaptionerForConditionalGeneration.from_backbones(
             model_args.vision_model_name_or_path, model_args.text_model_name_or_path,
-            use_clip_projection=model_args.use_clip_projection,
+            use_clip_projection=model_args.use_clip_projection, freeze_vision=model_args.freeze_vision,
         )
         processor = LoraCaptionerProcessor.from_backbones(model_args.vision_model_name_or_path,
                                                           model_args.text_model_name_or_path)
     processor.max_target_length = data_args.max_target_length
-    model.config.freeze_vision = model_args.freeze_vision
-    model.requires_grad_(True)
-    if model_args.freeze_vision:
-        model.freeze_vision()
     if model_args.cache_vision_features and train_dataset is not None:
         model.get_encoder().to(training_args.device)
         with training_args.main_process_first(desc="caching vision features"):
@@ -281,7 +270,7 @@ def main():
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=CaptionCollator(processor, data_args.max_target_length, model=model),
+        data_collator=CaptionCollator(processor, model=model),
         processing_class=processor,
         compute_metrics=compute_metrics_for(eval_references),
     )

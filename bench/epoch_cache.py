@@ -83,7 +83,7 @@ def run(rows, processor, epochs: int, batch_size: int, cache: bool) -> tuple[flo
             save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False,
             disable_tqdm=True, dataloader_num_workers=0, seed=0,
         )
-        CaptionTrainer(model=model, args=args, train_dataset=rows, data_collator=CaptionCollator(processor, 32, model),
+        CaptionTrainer(model=model, args=args, train_dataset=rows, data_collator=CaptionCollator(processor, model=model),
                        callbacks=[timer]).train()
     return caching_seconds, timer.seconds
 

@@ -2,6 +2,9 @@
 
 from transformers import CLIPVisionConfig, PreTrainedConfig, T5Config
 
+# The backbones whose shapes the defaults below have, and which `from_backbones` loads unless told otherwise.
+DEFAULT_VISION_MODEL, DEFAULT_TEXT_MODEL = "openai/clip-vit-base-patch16", "google/flan-t5-base"
+
 
 class LoraCaptionerConfig(PreTrainedConfig):
     r"""
@@ -34,10 +37,7 @@ class LoraCaptionerConfig(PreTrainedConfig):
         **kwargs,
     ):
         if vision_config is None:
-            vision_config = CLIPVisionConfig(
-                hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                patch_size=16, image_size=224, projection_dim=512,
-            )
+            vision_config = CLIPVisionConfig(patch_size=16)  # ViT-B/16: in all else CLIP's defaults (ViT-B/32)
         elif isinstance(vision_config, dict):
             vision_config = CLIPVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
         if text_config is None:
@@ -91,4 +91,4 @@ class LoraCaptionerConfig(PreTrainedConfig):
         return num_patches if self.drop_cls_token else num_patches + 1
 
 
-__all__ = ["LoraCaptionerConfig"]
+__all__ = ["DEFAULT_TEXT_MODEL", "DEFAULT_VISION_MODEL", "LoraCaptionerConfig"]

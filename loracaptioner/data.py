@@ -203,15 +203,15 @@ VISION_FEATURES_COLUMN = "vision_features"
 
 @dataclass
 class CaptionCollator:
-    """Rows {`image` | `vision_features`, `caption` | `references`} -> `pixel_values` (or cached `image_features`),
-    `labels` (padding = -100) and, given the model, `decoder_input_ids` (the labels shifted right, made by the model's
-    own `prepare_decoder_input_ids_from_labels`, as in `DataCollatorForSeq2Seq`): the Trainer's label smoother takes
+    """Rows {`image` | `vision_features`, `caption` | `references`} -> `pixel_values` (or the cached features as the
+    model's `image_features` input), `labels` (padding = -100, at most the processor's `max_target_length` tokens)
+    and, given the model, `decoder_input_ids` (the labels shifted right, made by the model's own
+    `prepare_decoder_input_ids_from_labels`, as in `DataCollatorForSeq2Seq`): the Trainer's label smoother takes
     `labels` away from the model, which then needs them. Images are decoded here, lazily; for evaluation rows, the
     first reference is the label (for the loss) and all count for the metrics. A test row without references gets
     labels of -100 only, and a batch where no row has one gets no labels (nothing to compute a loss on)."""
 
     processor: LoraCaptionerProcessor
-    max_target_length: int = 32
     model: object | None = field(default=None, repr=False)
 
     def __call__(self, rows: list[dict]) -> dict:
@@ -223,7 +223,7 @@ class CaptionCollator:
         captions = [row["caption"] if "caption" in row else (row["references"] or [None])[0] for row in rows]
         labelled = [i for i, caption in enumerate(captions) if caption is not None]
         if labelled:
-            caption_ids = self.processor.make_labels([captions[i] for i in labelled], self.max_target_length)
+            caption_ids = self.processor.make_labels([captions[i] for i in labelled])
             batch["labels"] = torch.full((len(rows), caption_ids.shape[1]), -100, dtype=caption_ids.dtype)
             batch["labels"][labelled] = caption_ids
             if self.model is not None:
@@ -243,44 +243,32 @@ def vision_features_fingerprint(dataset: datasets.Dataset, model, processor: Lor
 
 
 def cache_vision_features(dataset, model, processor: LoraCaptionerProcessor, batch_size: int = 32):
-    """Run the frozen part of the image encoder (CLIP tower, final LayerNorm, CLIP projection) once over every row
-    and keep its output, what enters the trainable bridge, as a `vision_features` column (written, memory-mapped, to
-    the datasets cache and reused by later runs on the same rows and weights); the `image` column is dropped.
-
-    Training on these rows runs only the bridge and the decoder (`CaptionTrainer`). The features are taken at the
-    bridge's input by a forward hook, so they are exactly what `LoraCaptionerImageEncoder.forward` computes. Storage:
+    """Map the model's frozen vision part (`encoder.encode_vision`: CLIP tower, final LayerNorm, CLIP projection) over
+    every row once and keep its output as a `vision_features` column (written, memory-mapped, to the datasets cache
+    and reused by later runs on the same rows and weights); the `image` column is dropped. The collator hands these
+    to the model as `image_features`, so training on them runs only the bridge and the decoder. Storage:
     rows x tokens x width x 4 bytes (fp32), e.g. 300K CC3M rows x 196 x 512 = 120 GB."""
     if not isinstance(dataset, datasets.Dataset):
         raise ValueError("cached vision features need a map-style dataset: they cannot be used with --streaming")
     if len(dataset) == 0:
         raise ValueError("no training rows to cache vision features for")
+    if not model.config.freeze_vision:
+        raise ValueError("--cache_vision_features needs a frozen vision tower (--freeze_vision true): this model's "
+                         "config has freeze_vision=False, so the tower trains and its output changes every step")
     encoder = model.get_encoder()
-    trainable = [name for name, p in encoder.named_parameters() if p.requires_grad and not name.startswith("bridge.")]
-    if trainable:
-        raise ValueError(f"cannot cache vision features: the vision tower is trainable ({trainable[0]}, ...); "
-                         "freeze it (--freeze_vision true) or do not cache")
     device = next(encoder.parameters()).device
-    captured = []
-    hook = encoder.bridge.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
 
+    @torch.inference_mode()
     def encode(batch):
         images = [load_image(cell, f"row {i}") for i, cell in enumerate(batch["image"])]
         pixel_values = processor(images=images)["pixel_values"].to(device)
-        captured.clear()
-        with torch.inference_mode():
-            encoder(pixel_values)
-        return {VISION_FEATURES_COLUMN: captured[0].float().cpu().numpy()}
+        return {VISION_FEATURES_COLUMN: encoder.encode_vision(pixel_values).last_hidden_state.float().cpu().numpy()}
 
-    try:
-        with torch.inference_mode():  # the shape of one row's features, for the column type
-            encoder(processor(images=[load_image(dataset[0]["image"], "row 0")])["pixel_values"].to(device))
-        tokens, width = captured[0].shape[1:]
-        features = dataset.map(
-            encode, batched=True, batch_size=batch_size, remove_columns=dataset.column_names,
-            features=datasets.Features({VISION_FEATURES_COLUMN: datasets.Array2D((tokens, width), "float32")}),
-            new_fingerprint=vision_features_fingerprint(dataset, model, processor), desc="caching vision features",
-        )
-    finally:
-        hook.remove()
+    tokens, width = encode(dataset[:1])[VISION_FEATURES_COLUMN].shape[1:]  # one row's shape, for the column type
+    features = dataset.map(
+        encode, batched=True, batch_size=batch_size, remove_columns=dataset.column_names,
+        features=datasets.Features({VISION_FEATURES_COLUMN: datasets.Array2D((tokens, width), "float32")}),
+        new_fingerprint=vision_features_fingerprint(dataset, model, processor), desc="caching vision features",
+    )
     cached = datasets.concatenate_datasets([dataset.remove_columns("image"), features], axis=1)
     return cached.with_format("numpy", columns=[VISION_FEATURES_COLUMN], output_all_columns=True)

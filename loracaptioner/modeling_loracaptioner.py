@@ -1,7 +1,8 @@
 """LoraCaptioner: CLIP vision tower -> linear bridge -> T5 decoder, composed from transformers' own classes.
 
 Where things happen:
-  * image -> tokens: `LoraCaptionerImageEncoder.forward` (CLIP patch tokens -> final LayerNorm -> CLIP projection -> bridge)
+  * image -> tokens: `LoraCaptionerImageEncoder.forward`: `encode_vision` (CLIP patch tokens -> final LayerNorm -> CLIP
+    projection; frozen unless `config.freeze_vision` is False, so its output can be cached) -> `bridge`
   * tokens -> caption: the T5 decoder stack (`T5Stack`) cross-attends to the image tokens; `lm_head` picks the words.
 The T5 *text encoder* is never built: the image encoder takes its place, so `generate()` treats this exactly like an
 encoder-decoder model whose encoder input is `pixel_values`.
@@ -9,20 +10,19 @@ encoder-decoder model whose encoder input is `pixel_values`.
 
 import torch
 from torch import nn
-from transformers import CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers import CLIPVisionModel, CLIPVisionModelWithProjection, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
-from transformers.models.t5.modeling_t5 import T5Stack
+from transformers.models.t5.modeling_t5 import T5ForConditionalGeneration, T5Stack
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 
-from .configuration_loracaptioner import LoraCaptionerConfig
+from .configuration_loracaptioner import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL, LoraCaptionerConfig
 
-# transformers 5.24 renamed the decoder cache argument/output `past_key_values` -> `cache`; speak whichever it speaks.
 # Caption-sized output, and no 3-gram twice: the original's greedy decoding degenerated into "tropical" x19 until
 # T5's 20-token limit. tests/test_generation.py shows plain greedy repeating on a model made to repeat and these not.
 CAPTION_GENERATION_DEFAULTS = {"max_new_tokens": 32, "no_repeat_ngram_size": 3}
-_AUTO_MODEL_REF = "modeling_loracaptioner.LoraCaptionerForConditionalGeneration"
+# transformers 5.24 renamed the decoder cache argument/output `past_key_values` -> `cache`; speak whichever it speaks.
 _CACHE = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
 # `forward(past_key_values=...)` becomes `cache=`: with the FutureWarning T5's own forward gives from 5.24 on (until
 # 5.40); silently before 5.24, whose generate() passes `past_key_values` (a deprecation "since 5.0" never warns).
@@ -46,30 +46,27 @@ class LoraCaptionerImageEncoder(nn.Module):
         # The one new piece: map vision tokens into the T5 decoder's hidden size.
         self.bridge = nn.Linear(config.image_token_dim, config.text_config.d_model)
 
-    @can_return_tuple
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutput:
-        vision_outputs = self.vision_tower(
-            pixel_values=pixel_values.to(self.bridge.weight.dtype),
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
-        vision_tokens = vision_outputs.last_hidden_state
-        if self.drop_cls_token:
-            vision_tokens = vision_tokens[:, 1:]
-        vision_tokens = self.vision_tower.post_layernorm(vision_tokens)
+    def encode_vision(self, pixel_values: torch.Tensor, **flags) -> BaseModelOutput:
+        """The vision part, frozen unless `config.freeze_vision` is False: pixels -> CLIP tower -> final LayerNorm ->
+        CLIP projection. Its `last_hidden_state` ("image features") is what `forward(image_features=...)` takes."""
+        vision_outputs = self.vision_tower(pixel_values=pixel_values.to(self.bridge.weight.dtype), **flags)
+        image_features = vision_outputs.last_hidden_state[:, int(self.drop_cls_token) :]
+        image_features = self.vision_tower.post_layernorm(image_features)
         if self.visual_projection is not None:
-            vision_tokens = self.visual_projection(vision_tokens)
-        return BaseModelOutput(
-            last_hidden_state=self.bridge(vision_tokens),
-            hidden_states=vision_outputs.hidden_states,
-            attentions=vision_outputs.attentions,
-        )
+            image_features = self.visual_projection(image_features)
+        return BaseModelOutput(image_features, vision_outputs.hidden_states, vision_outputs.attentions)
+
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor | None = None, output_attentions: bool | None = None,
+                output_hidden_states: bool | None = None, image_features: torch.Tensor | None = None,
+                **kwargs) -> BaseModelOutput:
+        """Image tokens from `pixel_values`, or from `image_features` (`encode_vision`'s output, e.g. cached)."""
+        vision = BaseModelOutput(image_features)
+        if image_features is None:
+            vision = self.encode_vision(pixel_values, output_attentions=output_attentions,
+                                        output_hidden_states=output_hidden_states)
+        image_tokens = self.bridge(vision.last_hidden_state.to(self.bridge.weight.dtype))
+        return BaseModelOutput(image_tokens, vision.hidden_states, vision.attentions)
 
 
 class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
@@ -102,20 +99,32 @@ class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.post_init()
         for name, value in CAPTION_GENERATION_DEFAULTS.items():
             setattr(self.generation_config, name, value)
-        if config.freeze_vision:
-            self.freeze_vision()
+        self.freeze_vision()
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         # A class registers for one Auto class (AutoModelForImageTextToText); AutoModel is written here by hand.
         if self._auto_class is not None:
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": _AUTO_MODEL_REF}
+            auto_map = getattr(self.config, "auto_map", None) or {}
+            self.config.auto_map = {**auto_map, "AutoModel": f"modeling_loracaptioner.{type(self).__name__}"}
         super().save_pretrained(save_directory, *args, **kwargs)
 
+    @property
+    def trainable_image_modules(self) -> list[str]:
+        """The image encoder's modules that train (in full): the bridge, and the CLIP tower and projection unless
+        `config.freeze_vision`. With peft, a LoRA config's `modules_to_save`."""
+        names = ["bridge"] if self.config.freeze_vision else ["vision_tower", "visual_projection", "bridge"]
+        return [name for name in names if getattr(self.encoder, name) is not None]
+
     def freeze_vision(self) -> None:
-        """Freeze the CLIP tower and CLIP's projection (the bridge stays trainable)."""
-        frozen = [self.encoder.vision_tower, self.encoder.visual_projection]
-        for module in filter(None, frozen):
-            module.requires_grad_(False)
+        """Apply `config.freeze_vision` (done at construction and loading): freeze the encoder's modules that do not train."""
+        for name, module in self.encoder.named_children():
+            module.requires_grad_(name in self.trainable_image_modules)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> PreTrainedModel:
+        loaded = super().from_pretrained(*args, **kwargs)  # (model, loading info) with output_loading_info=True
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_vision()  # loading drops requires_grad flags
+        return loaded
 
     def initialize_weights(self) -> None:
         # CLIP and T5 by their own schemes: inside a custom-code model transformers would skip their module-level inits
@@ -153,16 +162,10 @@ class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     @classmethod
-    def from_backbones(
-        cls,
-        vision_model_name_or_path: str = "openai/clip-vit-base-patch16",
-        text_model_name_or_path: str = "google/flan-t5-base",
-        **config_kwargs,
-    ) -> "LoraCaptionerForConditionalGeneration":
+    def from_backbones(cls, vision_model_name_or_path: str = DEFAULT_VISION_MODEL,
+                       text_model_name_or_path: str = DEFAULT_TEXT_MODEL, **config_kwargs) -> PreTrainedModel:
         """Build a LoraCaptioner from a pretrained CLIP checkpoint (a full CLIP model or a vision tower) and a T5
         checkpoint (Hub ids or local folders). The bridge is newly initialised; the T5 encoder is dropped."""
-        from transformers import CLIPVisionModelWithProjection, T5ForConditionalGeneration
-
         clip = CLIPVisionModelWithProjection.from_pretrained(vision_model_name_or_path)
         t5 = T5ForConditionalGeneration.from_pretrained(text_model_name_or_path)
         config = cls.config_class(vision_config=clip.config, text_config=t5.config, **config_kwargs)
@@ -189,6 +192,7 @@ class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
         decoder_input_ids: torch.LongTensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
+        image_features: torch.Tensor | None = None,
         cache=None,
         decoder_inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -199,6 +203,7 @@ class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
     ) -> Seq2SeqLMOutput:
         r"""
         pixel_values: `(batch, 3, H, W)` images from the processor; ignored when `encoder_outputs` is given.
+        image_features: `(batch, tokens, image_token_dim)` from `encoder.encode_vision` (e.g. cached), instead of pixels.
         labels: `(batch, length)` caption ids; -100 marks positions left out of the loss. When `decoder_input_ids` is
             not given it is made from `labels` (shifted right behind `decoder_start_token_id`).
         cache: the decoder's key/value cache (`past_key_values` before transformers 5.24).
@@ -208,9 +213,9 @@ class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
         flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         flags = {name: getattr(self.config, name) if value is None else value for name, value in flags.items()}
         if encoder_outputs is None:
-            if pixel_values is None:
-                raise ValueError("LoraCaptioner needs `pixel_values` (or precomputed `encoder_outputs`).")
-            encoder_outputs = self.encoder(pixel_values, **flags)
+            if pixel_values is None and image_features is None:
+                raise ValueError("LoraCaptioner needs `pixel_values` (or `image_features`, or `encoder_outputs`).")
+            encoder_outputs = self.encoder(pixel_values, image_features=image_features, **flags)
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(*encoder_outputs)
         image_tokens = encoder_outputs.last_hidden_state
@@ -238,15 +243,10 @@ class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 loss = loss / num_items_in_batch
 
         return Seq2SeqLMOutput(
-            loss=loss,
-            logits=logits,
-            decoder_hidden_states=decoder_outputs.hidden_states,
-            decoder_attentions=decoder_outputs.attentions,
-            cross_attentions=decoder_outputs.cross_attentions,
-            encoder_last_hidden_state=image_tokens,
-            encoder_hidden_states=encoder_outputs.hidden_states,
-            encoder_attentions=encoder_outputs.attentions,
-            **{_CACHE: getattr(decoder_outputs, _CACHE, None)},
+            loss=loss, logits=logits, decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions, cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=image_tokens, encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions, **{_CACHE: getattr(decoder_outputs, _CACHE, None)},
         )
 
 

@@ -10,6 +10,8 @@ import torch
 from PIL import Image, ImageOps
 from transformers import BatchFeature, ProcessorMixin
 
+from .configuration_loracaptioner import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL
+
 # Images longer than MAX_ASPECT times their short side are cut to their centre before CLIP's resize-and-centre-crop.
 MAX_ASPECT = 20.0
 _HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -89,6 +91,8 @@ class LoraCaptionerProcessor(ProcessorMixin):
     ```
     """
 
+    model_input_names = ["pixel_values", "decoder_input_ids", "decoder_attention_mask"]
+
     def __init__(self, image_processor=None, tokenizer=None, max_target_length: int = 32, **kwargs):
         self.max_target_length = max_target_length
         super().__init__(image_processor, tokenizer, **kwargs)
@@ -96,8 +100,8 @@ class LoraCaptionerProcessor(ProcessorMixin):
     @classmethod
     def from_backbones(
         cls,
-        vision_model_name_or_path: str = "openai/clip-vit-base-patch16",
-        text_model_name_or_path: str = "google/flan-t5-base",
+        vision_model_name_or_path: str = DEFAULT_VISION_MODEL,
+        text_model_name_or_path: str = DEFAULT_TEXT_MODEL,
         **kwargs,
     ) -> "LoraCaptionerProcessor":
         """The CLIP image processor and the T5 tokenizer of two backbone checkpoints (Hub ids or local folders)."""
@@ -199,10 +203,6 @@ class LoraCaptionerProcessor(ProcessorMixin):
             return_tensors="pt",
         )
         return encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
-
-    @property
-    def model_input_names(self) -> list[str]:
-        return ["pixel_values", "decoder_input_ids", "decoder_attention_mask"]
 
 
 __all__ = ["LoraCaptionerProcessor", "to_rgb_image"]

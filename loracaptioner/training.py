@@ -1,6 +1,5 @@
 """Training pieces on top of transformers and peft: the LoRA placement (decoder only), caption metrics, a
-`Seq2SeqTrainer` that takes cached vision features and generates with the caption defaults, and finding the checkpoint
-to resume from."""
+`Seq2SeqTrainer` that generates with the caption defaults, and finding the checkpoint to resume from."""
 
 from __future__ import annotations
 
@@ -33,8 +32,9 @@ _DECODER_LAYER = r"decoder\.block\.\d+\.layer\.\d+\."
 
 
 def decoder_lora_config(model, r: int, alpha: int, dropout: float, targets=ORIGINAL_LORA_TARGETS) -> LoraConfig:
-    """A peft `LoraConfig` placing adapters on the given T5 decoder modules, with the bridge trained and saved in
-    full. Unknown module names raise a `ValueError` listing the valid ones."""
+    """A peft `LoraConfig` placing adapters on the given T5 decoder modules; the image encoder's modules that the
+    model's config trains (`model.trainable_image_modules`: the bridge, and the CLIP tower unless frozen) are trained
+    and saved in full. Unknown module names raise a `ValueError` listing the valid ones."""
     linear_names = {
         re.sub(_DECODER_LAYER, "", name)
         for name, module in model.named_modules()
@@ -44,8 +44,8 @@ def decoder_lora_config(model, r: int, alpha: int, dropout: float, targets=ORIGI
     if unknown:
         raise ValueError(f"unknown LoRA target module(s) {unknown}; valid decoder modules: {sorted(linear_names)}")
     pattern = rf"^{_DECODER_LAYER}(?:{'|'.join(re.escape(name) for name in targets)})$"
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, modules_to_save=["bridge"],
-                      bias="none")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern, bias="none",
+                      modules_to_save=model.trainable_image_modules)
 
 
 CAPTION_METRICS_PATH = Path(__file__).resolve().parents[1] / "metrics" / "caption_metrics"
@@ -61,21 +61,9 @@ def exact_match(predictions: list[str], references: list[list[str]]) -> float:
 
 
 class CaptionTrainer(Seq2SeqTrainer):
-    """`Seq2SeqTrainer` that also trains on cached vision features (`image_features`, from `cache_vision_features`):
-    it runs the trainable bridge on them and hands the image tokens to the model as `encoder_outputs`, so only the
-    bridge and the decoder run. Batches with `pixel_values` go through unchanged.
-
-    Its evaluation and prediction give `generate()` one length setting: the model's `max_new_tokens`, or
-    `--generation_max_length` in its place when that is given."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if "image_features" in inputs:
-            inputs = dict(inputs)
-            image_features = inputs.pop("image_features")
-            bridge = self.accelerator.unwrap_model(model).get_encoder().bridge
-            image_tokens = bridge(image_features.to(next(bridge.parameters()).dtype))
-            inputs["encoder_outputs"] = (image_tokens,)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+    """`Seq2SeqTrainer` whose evaluation and prediction give `generate()` one length setting (the model's
+    `max_new_tokens`, or `--generation_max_length` in its place when that is given) and leave the model's caption
+    generation defaults as they were."""
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
         gen_kwargs = gen_kwargs or dict(getattr(self, "_gen_kwargs", {}))  # what evaluate()/predict() were given

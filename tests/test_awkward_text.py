@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
+from loracaptioner import LoraCaptionerProcessor
 from loracaptioner.data import CaptionCollator, SkipCounter, captions_of, load_caption_dataset, prepare_split
 
 
@@ -45,7 +46,8 @@ def test_caption_cells_none_nan_blank_or_lists_give_the_usable_captions(cell, ca
 
 
 def test_a_10000_character_caption_is_truncated_to_max_target_length_with_eos(processor):
-    labels = CaptionCollator(processor, max_target_length=12)(
+    processor = LoraCaptionerProcessor(processor.image_processor, processor.tokenizer, max_target_length=12)
+    labels = CaptionCollator(processor)(
         [{"image": png(), "caption": "a red square " * 800}, {"image": png(), "caption": "赤い四角"}])["labels"]
     assert labels.shape[1] == 12
     assert labels[0, -1].item() == processor.tokenizer.eos_token_id  # truncated, still ends like a caption

@@ -90,6 +90,29 @@ def test_vision_tower_frozen_and_bridge_trainable_by_default(model):
     assert not any(name.startswith(("encoder.vision_tower", "encoder.visual_projection")) for name in trainable)
 
 
+def test_image_features_from_encode_vision_give_the_loss_of_pixels(model):
+    """What `cache_vision_features` stores (`encode_vision`) is what `forward(image_features=...)` takes."""
+    pixel_values, labels = torch.randn(2, 3, 32, 32), torch.tensor([[5, 6, 1], [7, 1, -100]])
+    with torch.no_grad():
+        image_features = model.get_encoder().encode_vision(pixel_values).last_hidden_state
+        from_features = model(image_features=image_features, labels=labels)
+        from_pixels = model(pixel_values=pixel_values, labels=labels)
+    assert image_features.shape == (2, model.config.num_image_tokens, model.config.image_token_dim)
+    torch.testing.assert_close(from_features.loss, from_pixels.loss, rtol=0, atol=0)
+    torch.testing.assert_close(from_features.encoder_last_hidden_state, from_pixels.encoder_last_hidden_state)
+
+
+def test_the_config_decides_what_trains_at_construction_and_after_loading(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    for freeze_vision, modules in ((True, ["bridge"]), (False, ["vision_tower", "visual_projection", "bridge"])):
+        loaded = LoraCaptionerForConditionalGeneration.from_pretrained(tmp_path, freeze_vision=freeze_vision)
+        assert loaded.trainable_image_modules == modules
+        trainable = {name.split(".")[1] for name, p in loaded.encoder.named_parameters(prefix="encoder")
+                     if p.requires_grad}
+        assert trainable == set(modules)
+        assert all(p.requires_grad for p in loaded.decoder.parameters())
+
+
 def test_without_clip_projection_bridge_maps_raw_patch_tokens(tokenizer_len=99):
     config = LoraCaptionerConfig(vision_config=tiny_vision_config(), text_config=tiny_text_config(tokenizer_len),
                                  use_clip_projection=False)

@@ -89,7 +89,7 @@ def uninterrupted(backbones, data_dir, tmp_path_factory):
 
 def test_label_smoothing_trains_and_the_collator_shifts_labels_as_the_model_does(backbones, data_dir, tmp_path,
                                                                                 processor, model):
-    batch = CaptionCollator(processor, 8, model=model)([{"image": png_bytes((9, 9, 9)), "caption": "a red square"},
+    batch = CaptionCollator(processor, model=model)([{"image": png_bytes((9, 9, 9)), "caption": "a red square"},
                                                         {"image": png_bytes((9, 9, 9)), "caption": "a dog"}])
     assert torch.equal(batch["decoder_input_ids"], model.prepare_decoder_input_ids_from_labels(batch["labels"]))
     assert (batch["decoder_input_ids"] >= 0).all()

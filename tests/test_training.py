@@ -15,7 +15,7 @@ from peft import PeftModel, get_peft_model
 from PIL import Image
 
 from conftest import REPO
-from loracaptioner import LoraCaptionerForConditionalGeneration
+from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
 from loracaptioner.data import CaptionCollator, SkipCounter, load_caption_dataset, prepare_split
 from loracaptioner.training import decoder_lora_config
 
@@ -89,7 +89,8 @@ def test_missing_caption_column_lists_the_columns(data):
 
 def test_collator_masks_padding_with_minus_100(processor):
     rows_ = [{"image": png_bytes((9, 9, 9)), "caption": "a red square"}, {"image": png_bytes((9, 9, 9)), "caption": "a dog"}]
-    batch = CaptionCollator(processor, max_target_length=8)(rows_)
+    processor = LoraCaptionerProcessor(processor.image_processor, processor.tokenizer, max_target_length=8)
+    batch = CaptionCollator(processor)(rows_)
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     assert batch["labels"][1].tolist()[-1] == -100 and (batch["labels"][0] != -100).all()
 
@@ -346,10 +347,14 @@ def test_push_to_hub_without_do_train_is_refused_before_anything_runs(tmp_path):
         run_train_hf(["--output_dir", str(tmp_path), "--do_eval", "--push_to_hub", "--use_cpu"])
 
 
-def test_lora_with_a_trainable_vision_tower_is_refused(tmp_path):
-    """peft would silently keep the tower frozen, and the card would say it was trained."""
-    with pytest.raises(ValueError, match="--freeze_vision false with LoRA"):
-        run_train_hf(["--output_dir", str(tmp_path), "--do_train", "--freeze_vision", "false", "--use_cpu"])
+def test_lora_with_a_trainable_vision_tower_trains_the_tower_in_full(backbones):
+    """The model's config says what trains; peft's `modules_to_save` follows it instead of freezing the tower."""
+    model = LoraCaptionerForConditionalGeneration.from_backbones(*backbones, freeze_vision=False)
+    peft_model = get_peft_model(model, decoder_lora_config(model, r=4, alpha=8, dropout=0.0))
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    for part in (".vision_tower.", ".visual_projection.", ".bridge.", ".lora_A."):
+        assert any(part in name for name in trainable), part
+    assert not any(".lora_" in name and ".decoder." not in name for name in trainable)
 
 
 def test_do_predict_without_test_data_names_the_flags_and_writes_nothing(trained, data, tmp_path):

@@ -62,8 +62,11 @@ def caption_command(args: argparse.Namespace) -> int:
                          "OUTPUT.parts/ folder keeps each shard's captions")
     if args.batch_size < 1 or args.shard_size < 1:
         raise UsageError("--batch-size and --shard-size must be at least 1")
-    if args.device not in ("auto", "cpu") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("with several processes the launcher assigns devices: use --device auto or cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if args.device not in ("auto", "cpu"):
+            raise UsageError("with several processes the launcher assigns devices: use --device auto or cpu")
+        if "-" in args.inputs:
+            raise UsageError("- (a list on stdin) needs one process: the launcher gives its processes no stdin")
     use_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
     state = PartialState(cpu=use_cpu)
     device = state.device if args.device == "auto" or state.num_processes > 1 else torch.device(args.device)

@@ -2,6 +2,10 @@
 JSONL/CSV/TSV, one record per input. Undecodable inputs become error records and the run goes on; a re-run with the
 same `--output` captions only what is still missing.
 
+Webdataset tars, parquet files and `--dataset` (a Hub or local `datasets` dataset), and any run launched with several
+processes (`torchrun`, `accelerate launch`), are captioned shard by shard, resumably, to `--output` (JSONL, CSV, TSV,
+parquet or a `datasets` folder): see `bulk.py`. `loracaptioner merge OUTPUT` joins such a run's parts again.
+
 Exit status: 0 every input captioned, 1 some failed (see their `error`), 2 usage error (bad option, model that does
 not load, no inputs).
 

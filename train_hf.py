@@ -21,7 +21,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import datasets
@@ -43,15 +42,10 @@ from loracaptioner.data import (
 )
 from loracaptioner.hub import push_folder, write_endpoint_handler
 from loracaptioner.model_card import write_model_card
-from loracaptioner.training import (
-    CAPTION_METRICS_PATH,
-    ORIGINAL_LORA_TARGETS,
-    CaptionTrainer,
-    checkpoint_problem,
-    decoder_lora_config,
-    exact_match,
-    last_complete_checkpoint,
-)
+from loracaptioner.caption_metrics import exact_match, load_caption_metrics
+from loracaptioner.checkpoints import checkpoint_problem, last_complete_checkpoint
+from loracaptioner.lora import ORIGINAL_LORA_TARGETS, decoder_lora_config, quiet_peft
+from loracaptioner.trainer import CaptionTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -228,8 +222,7 @@ def main():
             train_dataset = cache_vision_features(train_dataset, model, processor,
                                                   batch_size=training_args.per_device_eval_batch_size)
     if lora_args.lora_r > 0 and training_args.do_train:  # evaluating a fresh (zero) adapter would change nothing
-        with warnings.catch_warnings():  # peft reads `is_gradient_checkpointing`, deprecated in transformers 5.24
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        with quiet_peft():
             model = get_peft_model(model, decoder_lora_config(model, lora_args.lora_r, lora_args.lora_alpha,
                                                               lora_args.lora_dropout, lora_args.lora_target_modules))
     if training_args.do_train:
@@ -246,9 +239,7 @@ def main():
     eval_references = None if eval_dataset is None or data_args.streaming else eval_dataset["references"]
     predict_references = None if predict_dataset is None else predict_dataset["references"]
     if any(eval_references or []) or any(predict_references or []):
-        import evaluate  # only here: it imports transformers.pipelines, seconds of start-up a training-only run skips
-
-        caption_metrics = evaluate.load(str(CAPTION_METRICS_PATH))
+        caption_metrics = load_caption_metrics()
 
     def compute_metrics_for(references):
         """`compute_metrics` for a split whose rows have these references; rows without any are not scored."""

@@ -54,7 +54,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from loracaptioner import LoraCaptionerForConditionalGeneration
 from loracaptioner.configuration_loracaptioner import LoraCaptionerConfig
-from loracaptioner.training import ORIGINAL_LORA_TARGETS, decoder_lora_config
+from loracaptioner.lora import ORIGINAL_LORA_TARGETS, decoder_lora_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Equal work for every model: greedy or beam, exactly `tokens` new tokens, no extra logits processors.

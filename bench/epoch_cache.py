@@ -30,7 +30,8 @@ from transformers import CLIPImageProcessorPil, Seq2SeqTrainingArguments, T5Toke
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loracaptioner import LoraCaptionerConfig, LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor  # noqa: E402
 from loracaptioner.data import CaptionCollator, SkipCounter, cache_vision_features, prepare_split  # noqa: E402
-from loracaptioner.training import CaptionTrainer, decoder_lora_config  # noqa: E402
+from loracaptioner.lora import decoder_lora_config  # noqa: E402
+from loracaptioner.trainer import CaptionTrainer  # noqa: E402
 
 WORDS = "a the photo of dog cat man woman car tree beach city street red blue green small large on in with".split()
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,12 +30,11 @@ from transformers import CLIPVisionConfig, T5Config
 
 from .modeling_loracaptioner import LoraCaptionerForConditionalGeneration
 from .processing_loracaptioner import LoraCaptionerProcessor
-from .training import decoder_lora_config
+from .lora import DECODER_LAYER, decoder_lora_config, quiet_peft
 
 logger = logging.getLogger("loracaptioner.convert_original")
 
 PEFT_PREFIX = "base_model.model."
-_DECODER_LAYER = re.compile(r"^decoder\.block\.\d+\.layer\.\d+\.")
 # LoraConfig fields that shape the adapter's computation and mean the same on our decoder as on T5's.
 _CARRIED_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern")
 
@@ -130,12 +128,13 @@ def convert_original(
         logger.info(f"dropped {dropped} LoRA tensors of T5 text-encoder modules (the encoder is bypassed)")
 
     module_names = {key.split(".lora_")[0] for key in decoder_state}
-    targets = sorted({_DECODER_LAYER.sub("", name) for name in module_names})
+    targets = sorted({DECODER_LAYER.sub("", name) for name in module_names})
     lora_config = decoder_lora_config(model, original_config.r, original_config.lora_alpha,
                                       original_config.lora_dropout, targets)
     lora_config = dataclasses.replace(
         lora_config, **{name: getattr(original_config, name) for name in _CARRIED_LORA_FIELDS})
-    peft_model = get_peft_model(model.eval(), lora_config).eval()
+    with quiet_peft():
+        peft_model = get_peft_model(model.eval(), lora_config).eval()
 
     # The adapter holds the bridge too (as train_hf.py's does), so it adapts a fresh from_backbones() model as well.
     peft_state = {PEFT_PREFIX + key: tensor for key, tensor in decoder_state.items()}

@@ -1,4 +1,5 @@
-"""Model cards for saved LoraCaptioner folders: `model_card/template.md` rendered by huggingface_hub's `ModelCard`.
+"""Model cards for saved LoraCaptioner folders: `model_card_template.md` (package data, next to this file) rendered
+by huggingface_hub's `ModelCard`.
 
 `write_model_card` reads what the folder itself says (config.json, generation_config.json) and, when a training run
 wrote the folder, what the run knows (train_hf.py's argument dataclasses, the `TrainerState`, evaluation metrics,
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_card" / "template.md"
+TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")  # package data, in every install
 # evaluation metric key (without the "eval_" prefix) -> name on the card, in the order of the card's table
 METRIC_NAMES = {
     "cider": "CIDEr-D",
@@ -177,9 +178,6 @@ def write_model_card(output_dir, model_args=None, data_args=None, lora_args=None
     commit). `base_model` / `datasets` override the Hub ids found in the arguments and the config.
     """
     output_dir = Path(output_dir)
-    if not TEMPLATE_PATH.is_file():
-        raise FileNotFoundError(f"model card template {TEMPLATE_PATH} not found: install LoraCaptioner from its "
-                                "repository (pip install -e .), which holds model_card/template.md")
     config = json.loads((output_dir / "config.json").read_text())
     generation_path = output_dir / "generation_config.json"
     generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}

@@ -1,4 +1,4 @@
-"""Tests for the local `evaluate` module metrics/caption_metrics.
+"""Tests for the local `evaluate` module loracaptioner/caption_metrics.
 
 The scores are checked against pycocoevalcap's scorers (`Cider`, `Bleu(4)`,
 `Rouge`) fed with the output of our pure-Python COCO tokeniser, so Java is not
@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 
-METRIC_DIR = Path(__file__).resolve().parents[1] / "metrics" / "caption_metrics"
+from loracaptioner.caption_metrics import CAPTION_METRICS_PATH as METRIC_DIR
+
 METRIC_SCRIPT = METRIC_DIR / "caption_metrics.py"
 KEYS = ["cider", "bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l"]
 ATOL = 1e-6

@@ -235,7 +235,7 @@ def test_urls_are_downloaded_with_a_size_limit_and_a_timeout(model_dir, http_roo
 def test_an_adapter_is_merged_into_the_base_model(model_dir, tmp_path, capsys):
     from peft import PeftModel, get_peft_model
 
-    from loracaptioner.training import decoder_lora_config
+    from loracaptioner.lora import decoder_lora_config
 
     base = LoraCaptionerForConditionalGeneration.from_pretrained(model_dir)
     config = decoder_lora_config(base, r=4, alpha=8, dropout=0.0)

@@ -20,7 +20,7 @@ from loracaptioner.data import (
     cache_vision_features,
     prepare_split,
 )
-from loracaptioner.training import decoder_lora_config
+from loracaptioner.lora import decoder_lora_config
 
 
 @pytest.fixture(scope="module")

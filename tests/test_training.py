@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import REPO
 from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
 from loracaptioner.data import CaptionCollator, SkipCounter, load_caption_dataset, prepare_split
-from loracaptioner.training import decoder_lora_config
+from loracaptioner.lora import decoder_lora_config
 
 sys.path.insert(0, str(REPO))
 import train_hf  # noqa: E402
@@ -293,7 +293,7 @@ def test_do_predict_writes_one_prediction_per_test_image_equal_to_generate(train
 def test_do_predict_scores_the_captions_that_have_references(predicted):
     import evaluate
 
-    from loracaptioner.training import CAPTION_METRICS_PATH, exact_match
+    from loracaptioner.caption_metrics import CAPTION_METRICS_PATH, exact_match
 
     output_dir = predicted[0]
     results = json.loads((output_dir / "predict_results.json").read_text())

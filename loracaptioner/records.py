@@ -202,7 +202,8 @@ def _write_parquet(records, path: Path, columns: list[str], batch_rows: int = 50
 
 def write_datasets_folder(parts: Parts, folder: str, split: str = "train") -> tuple[int, int]:
     """The finished `parts` as `folder/data/<split>-NNNNN-of-NNNNN.parquet` (at most `ROWS_PER_PARQUET_FILE` rows
-    each) and a dataset card: `datasets.load_dataset(folder)` loads it, `push_captions` uploads it. An existing folder is replaced only if it is one of these (its card is tagged `loracaptioner`)."""
+    each) and a dataset card: `datasets.load_dataset(folder)` loads it, `push_captions` uploads it. An existing
+    folder is replaced only if it is one of these (its card is tagged `loracaptioner`)."""
     folder_path = Path(folder)
     if folder_path.exists() and any(folder_path.iterdir()) and not _is_captions_folder(folder_path):
         raise ValueError(f"{folder} exists and is not a captions folder written by loracaptioner: not replacing it")

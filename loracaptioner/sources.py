@@ -347,9 +347,10 @@ def find_shards(specs: Iterable[str], *, stdin: Iterable[str] = (), shard_size: 
         start_index = sum(isinstance(shard, FileListShard) for shard in shards)
         for offset, start in enumerate(range(0, len(paths), shard_size)):
             chunk = paths[start : start + shard_size]
-            label = f"files {start_index + offset}: " + "\n".join(chunk)
-            shards.append(FileListShard(_name(label, f"files-{start_index + offset:06d}"), f"files {start_index + offset}",
-                                        paths=chunk, url_timeout=url_timeout, max_url_bytes=max_url_bytes))
+            number = start_index + offset
+            label = f"files {number}: " + "\n".join(chunk)
+            shards.append(FileListShard(_name(label, f"files-{number:06d}"), f"files {number}", paths=chunk,
+                                        url_timeout=url_timeout, max_url_bytes=max_url_bytes))
         pending.clear()
 
     for spec in specs:

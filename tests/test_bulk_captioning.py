@@ -20,14 +20,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import REPO
 from huggingface_hub import constants, set_client_factory
 from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 from PIL import Image
-from test_cli import generate_captions, model_dir  # noqa: F401 - model_dir is a fixture
+from test_cli import generate_captions
 from test_hub_push import FakeHub
 
-from loracaptioner import LoraCaptionerForConditionalGeneration
+from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
 from loracaptioner.cli import main
 
 NUM_SHARDS, PER_SHARD = 6, 4
@@ -47,6 +48,16 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def model_dir(backbones, tmp_path_factory) -> str:
+    """A saved tiny LoraCaptioner (random weights on conftest's tiny backbones)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model")
+    LoraCaptionerForConditionalGeneration.from_backbones(*backbones).save_pretrained(folder)
+    LoraCaptionerProcessor.from_backbones(*backbones).save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +84,7 @@ def read_jsonl(path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def one_process(model_dir, shards, tmp_path_factory) -> Path:  # noqa: F811
+def one_process(model_dir, shards, tmp_path_factory) -> Path:
     """The reference: one process, no DataLoader workers."""
     output = tmp_path_factory.mktemp("one") / "captions.jsonl"
     assert caption([model_dir, str(shards / "*.tar"), "-o", str(output), "--batch-size", "2", "--num-workers",
@@ -89,7 +100,7 @@ def torchrun(args: list[str], **popen) -> subprocess.Popen:
                             **popen)
 
 
-def test_one_process_captions_every_sample_of_the_shards_like_generate(one_process, model_dir, shards,  # noqa: F811
+def test_one_process_captions_every_sample_of_the_shards_like_generate(one_process, model_dir, shards,
                                                                        tmp_path):
     records = read_jsonl(one_process)
     expected_keys = [(f"{shards}/{s:05d}.tar", f"{s:05d}{i:04d}") for s in range(NUM_SHARDS) for i in range(PER_SHARD)]
@@ -110,7 +121,7 @@ def test_one_process_captions_every_sample_of_the_shards_like_generate(one_proce
     assert [r["caption"] for r in good] == generate_captions(model_dir, [str(p) for p in paths], max_new_tokens=6)
 
 
-def test_two_processes_split_the_shards_and_write_what_one_process_writes(one_process, model_dir, shards,  # noqa: F811
+def test_two_processes_split_the_shards_and_write_what_one_process_writes(one_process, model_dir, shards,
                                                                           tmp_path):
     output = tmp_path / "captions.jsonl"
     run = torchrun([model_dir, f"{shards}/{{00000..{NUM_SHARDS - 1:05d}}}.tar", "-o", str(output), "--batch-size",
@@ -123,7 +134,7 @@ def test_two_processes_split_the_shards_and_write_what_one_process_writes(one_pr
     assert "by 2 processes, 3 errors" in stderr and f"rank 1: {NUM_SHARDS // 2 * PER_SHARD} images" in stderr
 
 
-def test_a_rank_killed_mid_run_is_resumed_to_exactly_the_uninterrupted_output(one_process, model_dir, shards,  # noqa: F811
+def test_a_rank_killed_mid_run_is_resumed_to_exactly_the_uninterrupted_output(one_process, model_dir, shards,
                                                                               tmp_path):
     output = tmp_path / "captions.jsonl"
     args = [model_dir, str(shards / "*.tar"), "-o", str(output), "--batch-size", "1", "--num-workers", "0"]
@@ -156,7 +167,7 @@ def test_a_rank_killed_mid_run_is_resumed_to_exactly_the_uninterrupted_output(on
     assert not list(parts.glob("*.partial"))
 
 
-def test_a_failure_of_the_model_stops_the_run_and_the_rerun_does_only_the_rest(one_process, model_dir, shards,  # noqa: F811
+def test_a_failure_of_the_model_stops_the_run_and_the_rerun_does_only_the_rest(one_process, model_dir, shards,
                                                                                tmp_path, monkeypatch):
     output = tmp_path / "captions.jsonl"
     args = [model_dir, str(shards / "*.tar"), "-o", str(output), "--batch-size", "2", "--num-workers", "0"]
@@ -180,7 +191,7 @@ def test_a_failure_of_the_model_stops_the_run_and_the_rerun_does_only_the_rest(o
     assert caption([*args, "--num-beams", "2"]) == 2  # other settings would mix captions of two kinds: refused
 
 
-def test_a_shard_that_cannot_be_read_stops_the_run_with_one_line(model_dir, shards, tmp_path, capsys):  # noqa: F811
+def test_a_shard_that_cannot_be_read_stops_the_run_with_one_line(model_dir, shards, tmp_path, capsys):
     (tmp_path / "truncated.tar").write_bytes((shards / "00000.tar").read_bytes()[:3000])
     args = [model_dir, str(shards / "00001.tar"), str(tmp_path / "truncated.tar"), "-o", str(tmp_path / "c.jsonl"),
             "--num-workers", "1"]
@@ -205,7 +216,7 @@ def image_rows(tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.parametrize("layout", ["save_to_disk", "data_files_streaming", "parquet_file"])
-def test_datasets_and_parquet_with_bad_images_finish_with_error_records(model_dir, image_rows, tmp_path,  # noqa: F811
+def test_datasets_and_parquet_with_bad_images_finish_with_error_records(model_dir, image_rows, tmp_path,
                                                                         layout):
     features = datasets.Features({"image": datasets.Image(), "id": datasets.Value("string")})
     dataset = datasets.Dataset.from_list(image_rows, features=features)
@@ -234,7 +245,7 @@ def test_datasets_and_parquet_with_bad_images_finish_with_error_records(model_di
         assert {row["shard"] for row in rows} == {str(tmp_path / "images.parquet")}
 
 
-def test_datasets_folder_output_loads_with_load_dataset_and_merge_writes_other_formats(one_process, model_dir,  # noqa: F811
+def test_datasets_folder_output_loads_with_load_dataset_and_merge_writes_other_formats(one_process, model_dir,
                                                                                       shards, tmp_path):
     output = tmp_path / "captions"
     assert caption([model_dir, str(shards / "0000[0-2].tar"), "-o", f"{output}/", "--batch-size", "2",
@@ -295,7 +306,7 @@ def dataset_hub(monkeypatch, tmp_path):
     assert not fake.unexpected, fake.unexpected
 
 
-def test_push_to_hub_uploads_the_captions_as_a_dataset_repo_that_load_dataset_reads(one_process, model_dir, shards,  # noqa: F811
+def test_push_to_hub_uploads_the_captions_as_a_dataset_repo_that_load_dataset_reads(one_process, model_dir, shards,
                                                                                     dataset_hub, tmp_path):
     repo_id = "someone/captions"
     dataset_hub.files[repo_id] = {"data/train-00000-of-00003.parquet": b"an earlier upload"}

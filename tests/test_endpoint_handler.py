@@ -3,7 +3,6 @@ it (the folder on `sys.path`, `handler.py` imported from its file, `EndpointHand
 where the LoraCaptioner package cannot be imported."""
 
 import ast
-import base64
 import functools
 import http.server
 import io

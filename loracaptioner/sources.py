@@ -174,6 +174,7 @@ class ParquetShard(Shard):
     num_rows: int | None = None
 
     def samples(self) -> Iterator[Sample]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         columns = [self.image_column] + ([self.key_column] if self.key_column else [])
@@ -185,7 +186,7 @@ class ParquetShard(Shard):
                     key = row[self.key_column] if self.key_column else index
                     yield Sample({"shard": self.label, "key": str(key)}, image=self._resolve(row[self.image_column]))
                     index += 1
-        except OSError as error:  # pyarrow's ArrowInvalid / ArrowIOError are OSErrors
+        except (OSError, pa.ArrowException) as error:  # unreadable, truncated, not parquet
             raise ShardError(f"cannot read parquet shard {self.path} ({type(error).__name__}: {error})") from None
 
     def _resolve(self, cell):
@@ -202,13 +203,14 @@ class ParquetShard(Shard):
 
 def parquet_shard(path: str, image_column: str | None, key_column: str | None) -> ParquetShard:
     """A parquet shard with its image and key columns found from the file's schema (read from its footer only)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .data import IMAGE_COLUMNS, detect_column
 
     try:
         metadata = pq.read_metadata(path)
-    except OSError as error:
+    except (OSError, pa.ArrowException) as error:
         raise ValueError(f"cannot read parquet file {path} ({type(error).__name__}: {error})") from None
     columns = metadata.schema.to_arrow_schema().names
     image_column = detect_column(columns, image_column, IMAGE_COLUMNS + PATH_COLUMNS, "image")

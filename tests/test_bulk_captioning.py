@@ -201,6 +201,9 @@ def test_a_shard_that_cannot_be_read_stops_the_run_with_one_line(model_dir, shar
         assert error.startswith(f"loracaptioner: error: cannot read webdataset shard {tmp_path / 'truncated.tar'} (")
         assert error.endswith("rerun the same command")
     assert [path.name[:9] for path in (tmp_path / "c.jsonl.parts").glob("*.jsonl")] == ["00001.tar"]
+    (tmp_path / "not.parquet").write_bytes(b"PAR1 and then nothing")
+    assert caption([model_dir, str(tmp_path / "not.parquet"), "-o", str(tmp_path / "d.jsonl")]) == 2
+    assert capsys.readouterr().err.startswith(f"loracaptioner: error: cannot read parquet file {tmp_path}/not.parquet")
 
 
 @pytest.fixture(scope="module")

@@ -105,8 +105,8 @@ def merge_command(args: argparse.Namespace) -> int:
         result = records_io.merge(args.output, args.format, args.split, destination=args.to)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    print(f"loracaptioner: wrote {result.output} ({result.records:,} records, {result.errors:,} errors)",
-          file=sys.stderr)
+    print(f"loracaptioner: wrote {result.output} ({_count(result.records, 'record')}, "
+          f"{_count(result.errors, 'error')})", file=sys.stderr)
     if args.push_to_hub:
         written_format = records_io.output_format_of(result.output, args.format)
         _push(args.output, result.output if written_format == "datasets" else None, args.split, args.push_to_hub,
@@ -392,15 +392,19 @@ def print_summary(statuses: list[dict], elapsed: float, result: records_io.Merge
     records = sum(status["records"] for status in statuses)
     errors = sum(status["errors"] for status in statuses)
     lines = [f"loracaptioner: {records:,} images captioned in {elapsed:.1f} s ({records / max(elapsed, 1e-9):.1f} "
-             f"images/s) by {len(statuses)} process{'es' if len(statuses) > 1 else ''}, {errors:,} errors"
+             f"images/s) by {_count(len(statuses), 'process', 'processes')}, {_count(errors, 'error')}"
              + (f"; {finished_before} shards were already done" if finished_before else "")]
     for status in sorted(statuses, key=lambda status: status["rank"]):
         rate = status["records"] / max(status["seconds"], 1e-9)
-        lines.append(f"  rank {status['rank']}: {status['records']:,} images, {status['shards']} shard"
-                     f"{'s' if status['shards'] != 1 else ''}, "
-                     f"{status['seconds']:.1f} s, {rate:.1f} images/s")
+        lines.append(f"  rank {status['rank']}: {_count(status['records'], 'image')}, "
+                     f"{_count(status['shards'], 'shard')}, {status['seconds']:.1f} s, {rate:.1f} images/s")
     if len(statuses) > 1 and records:
         busiest = max(status["records"] for status in statuses)
         lines.append(f"  balance: the busiest process captioned {busiest / (records / len(statuses)):.2f}x the mean")
-    lines.append(f"loracaptioner: wrote {result.output} ({result.records:,} records, {result.errors:,} errors)")
+    lines.append(f"loracaptioner: wrote {result.output} ({_count(result.records, 'record')}, "
+                 f"{_count(result.errors, 'error')})")
     print("\n".join(lines), file=sys.stderr)
+
+
+def _count(number: int, word: str, plural: str | None = None) -> str:
+    return f"{number:,} {word if number == 1 else plural or word + 's'}"

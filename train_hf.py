@@ -30,6 +30,9 @@ from peft import PeftModel, get_peft_model
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, set_seed
 
 from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
+from loracaptioner.caption_metrics import exact_match, load_caption_metrics
+from loracaptioner.checkpoints import checkpoint_problem, last_complete_checkpoint
+from loracaptioner.configuration_loracaptioner import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL
 from loracaptioner.data import (
     CAPTION_COLUMNS,
     IMAGE_COLUMNS,
@@ -40,11 +43,9 @@ from loracaptioner.data import (
     load_caption_dataset,
     prepare_split,
 )
-from loracaptioner.hub import push_folder, write_endpoint_handler
-from loracaptioner.model_card import write_model_card
-from loracaptioner.caption_metrics import exact_match, load_caption_metrics
-from loracaptioner.checkpoints import checkpoint_problem, last_complete_checkpoint
+from loracaptioner.hub import push_folder, save_for_hub
 from loracaptioner.lora import ORIGINAL_LORA_TARGETS, decoder_lora_config, quiet_peft
+from loracaptioner.model_card import ADAPTER_DIR, TrainingRun, data_source
 from loracaptioner.trainer import CaptionTrainer
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,10 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ModelArguments:
     vision_model_name_or_path: str = field(
-        default="openai/clip-vit-base-patch16", metadata={"help": "CLIP checkpoint (Hub id or folder) for the vision tower."}
+        default=DEFAULT_VISION_MODEL, metadata={"help": "CLIP checkpoint (Hub id or folder) for the vision tower."}
     )
     text_model_name_or_path: str = field(
-        default="google/flan-t5-base", metadata={"help": "T5 checkpoint (Hub id or folder) whose decoder writes captions."}
+        default=DEFAULT_TEXT_MODEL, metadata={"help": "T5 checkpoint (Hub id or folder) whose decoder writes captions."}
     )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Start from an existing LoraCaptioner folder/Hub id instead of two backbones."}
@@ -304,26 +305,39 @@ def main():
                     record = {"key": key, "caption": caption, "references": references}
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    # 7. Save (training runs only): adapter (LoRA + bridge) and, merged, a full Hub-ready LoraCaptioner with code,
-    # processor and card.
+    # 7. Save (training runs only): the adapter (LoRA + bridge) and, merged, a Hub-ready LoraCaptioner folder whose
+    # card is written from what the folder holds: config, adapter, trainer state, evaluation results and the run record.
     final_model = trainer.model
     model_dir = None
     if training_args.do_train and trainer.is_world_process_zero():
         if isinstance(final_model, PeftModel):
-            final_model.save_pretrained(os.path.join(training_args.output_dir, "adapter"))
+            final_model.save_pretrained(os.path.join(training_args.output_dir, ADAPTER_DIR))
             if lora_args.merge_lora:
                 final_model = final_model.merge_and_unload()
         if not isinstance(final_model, PeftModel):
-            final_model.save_pretrained(training_args.output_dir)
-            processor.save_pretrained(training_args.output_dir)
-            write_model_card(training_args.output_dir, model_args=model_args, data_args=data_args, lora_args=lora_args,
-                             training_args=training_args, state=trainer.state, eval_metrics=summary.get("eval"),
-                             skipped=skipped, num_train_rows=None if data_args.streaming or train_dataset is None
-                             else len(train_dataset))
-            write_endpoint_handler(training_args.output_dir)  # handler.py for Inference Endpoints
+            TrainingRun(
+                base_models=([model_args.model_name_or_path] if model_args.model_name_or_path else
+                             [model_args.vision_model_name_or_path, model_args.text_model_name_or_path]),
+                train_data=data_source(data_args.dataset_name, data_args.train_dir, data_args.train_file),
+                eval_data=data_source(data_args.dataset_name, data_args.validation_dir, data_args.validation_file),
+                eval_split=data_args.validation_split,
+                num_train_rows=None if data_args.streaming else len(train_dataset),
+                skipped=dict(skipped.reasons.most_common()),
+                per_device_train_batch_size=training_args.per_device_train_batch_size,
+                world_size=training_args.world_size,
+                gradient_accumulation_steps=training_args.gradient_accumulation_steps,
+                optimizer=str(getattr(training_args.optim, "value", training_args.optim)),
+                learning_rate=training_args.learning_rate,
+                lr_scheduler=str(getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)),
+                precision="bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
+                seed=training_args.seed,
+                generation_num_beams=training_args.generation_num_beams,
+                generation_max_length=training_args.generation_max_length,
+            ).save(training_args.output_dir)
+            save_for_hub(final_model, processor, training_args.output_dir, repo_id=training_args.hub_model_id)
             model_dir = os.path.abspath(training_args.output_dir)
         else:
-            model_dir = os.path.abspath(os.path.join(training_args.output_dir, "adapter"))
+            model_dir = os.path.abspath(os.path.join(training_args.output_dir, ADAPTER_DIR))
         if push_to_hub:  # the merged folder (with --merge_lora false there is none: push_folder says what is missing)
             repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
             push_folder(training_args.output_dir, repo_id, token=training_args.hub_token,

@@ -9,8 +9,9 @@ those adapters never took part in a caption and are dropped (and counted).
 
     python -m loracaptioner.convert_original --projection projection.pt --adapter adapter_dir --output out [--no-merge]
 
-writes `out` as a merged LoraCaptioner (weights, code files, processor, generation config, model card), or with
-`--no-merge` the base model in `out` (bridge included) and the re-keyed adapter (LoRA + bridge) in `out/adapter`.
+writes the re-keyed adapter (LoRA + bridge, for peft) to `out/adapter` and `out` as a merged, Hub-ready LoraCaptioner
+(weights, code files, processor, generation config, model card, Inference Endpoints handler), or with `--no-merge`
+the base model (bridge included) and processor in `out`.
 Both files are read without running pickled code: safetensors, or `torch.load(weights_only=True)`.
 """
 
@@ -21,16 +22,18 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from peft import LoraConfig, PeftType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, T5Config
 
+from .configuration_loracaptioner import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL
+from .hub import save_for_hub
+from .lora import DECODER_LAYER, decoder_lora_config, quiet_peft
+from .model_card import ADAPTER_DIR
 from .modeling_loracaptioner import LoraCaptionerForConditionalGeneration
 from .processing_loracaptioner import LoraCaptionerProcessor
-from .lora import DECODER_LAYER, decoder_lora_config, quiet_peft
 
 logger = logging.getLogger("loracaptioner.convert_original")
 
@@ -110,10 +113,9 @@ def convert_original(
     projection: str | Path,
     adapter: str | Path,
     output_dir: str | Path,
-    vision_model: str = "openai/clip-vit-base-patch16",
-    text_model: str = "google/flan-t5-base",
+    vision_model: str = DEFAULT_VISION_MODEL,
+    text_model: str = DEFAULT_TEXT_MODEL,
     merge: bool = True,
-    write_card: bool = True,
 ) -> Path:
     """Convert the original's `projection.pt` + peft adapter into a LoraCaptioner folder at `output_dir` (merged, or
     with `merge=False` the base model there and the adapter in `output_dir/adapter`); returns `output_dir`."""
@@ -150,25 +152,15 @@ def convert_original(
         raise ValueError(f"--adapter: does not fit the decoder of {text_model}: {str(error).strip()}") from error
     logger.info(f"imported {len(decoder_state)} decoder LoRA tensors on {len(module_names)} modules ({', '.join(targets)})")
 
-    # Nothing is written before every input has been checked.
+    # Nothing is written before every input has been checked. The adapter (LoRA + bridge, for peft) is kept in
+    # `adapter/` either way; merged, the folder is Hub-ready, its card written from the folder (config and adapter).
+    peft_model.save_pretrained(output_dir / ADAPTER_DIR)
+    processor = LoraCaptionerProcessor.from_backbones(vision_model, text_model)
     if merge:
-        peft_model.merge_and_unload().save_pretrained(output_dir)
+        save_for_hub(peft_model.merge_and_unload(), processor, output_dir)
     else:
-        peft_model.save_pretrained(output_dir / "adapter")
         peft_model.unload().save_pretrained(output_dir)
-    LoraCaptionerProcessor.from_backbones(vision_model, text_model).save_pretrained(output_dir)
-    if write_card and merge:
-        from .hub import write_endpoint_handler
-        from .model_card import write_model_card
-
-        write_model_card(
-            output_dir,
-            model_args=SimpleNamespace(model_name_or_path=None, vision_model_name_or_path=vision_model,
-                                       text_model_name_or_path=text_model),
-            lora_args=SimpleNamespace(lora_r=original_config.r, lora_alpha=original_config.lora_alpha,
-                                      lora_dropout=original_config.lora_dropout, lora_target_modules=targets),
-        )
-        write_endpoint_handler(output_dir)  # handler.py for Inference Endpoints
+        processor.save_pretrained(output_dir)
     logger.info(f"wrote {'merged LoraCaptioner' if merge else 'base LoraCaptioner and adapter/'} to {output_dir}")
     return output_dir
 
@@ -183,8 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--projection", required=True, help="the original's projection.pt (bridge state dict)")
     parser.add_argument("--adapter", required=True, help="the original's peft adapter folder (for Flan-T5)")
     parser.add_argument("--output", required=True, help="folder to write the LoraCaptioner into")
-    parser.add_argument("--vision_model", default="openai/clip-vit-base-patch16", help="the CLIP checkpoint it used")
-    parser.add_argument("--text_model", default="google/flan-t5-base", help="the T5 checkpoint its adapter is for")
+    parser.add_argument("--vision_model", default=DEFAULT_VISION_MODEL, help="the CLIP checkpoint it used")
+    parser.add_argument("--text_model", default=DEFAULT_TEXT_MODEL, help="the T5 checkpoint its adapter is for")
     parser.add_argument("--no-merge", dest="merge", action="store_false",
                         help="keep LoRA apart: base model in --output, adapter in --output/adapter")
     args = parser.parse_args(argv)

@@ -34,14 +34,18 @@ def write_endpoint_handler(folder) -> None:
     (folder / "requirements.txt").write_text(ENDPOINT_REQUIREMENTS)
 
 
-def save_for_hub(model, processor, output_dir, **card_info) -> Path:
-    """Save `model` and `processor` (weights as safetensors, code files, auto_map, generation config) into
-    `output_dir` and write its model card (`card_info`: keyword arguments of `write_model_card`, e.g. `repo_id`,
-    `eval_metrics`, `base_model`), with the Inference Endpoints `handler.py`."""
+def save_for_hub(model, processor, output_dir, eval_metrics: dict | None = None, **card_options) -> Path:
+    """The one way a Hub-ready LoraCaptioner folder is written (train_hf.py, convert_original, `push_to_hub`): `model`
+    and `processor` (weights as safetensors, code files, auto_map, generation config), the model card, written from
+    what the folder then holds (`card_options`: `repo_id`, `revision`, `space_id`, ... of `write_model_card`), and
+    the Inference Endpoints `handler.py` with its `requirements.txt`. `eval_metrics` (`eval_cider`, ...: the card's
+    model-index) are kept as the folder's `eval_results.json`, where a training run leaves its own."""
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    write_model_card(output_dir, **card_info)
+    if eval_metrics is not None:
+        (output_dir / "eval_results.json").write_text(json.dumps(eval_metrics, indent=2) + "\n")
+    write_model_card(output_dir, **card_options)
     write_endpoint_handler(output_dir)
     return output_dir
 
@@ -86,11 +90,11 @@ def push_folder(folder, repo_id: str, *, token: str | bool | None = None, privat
 
 def push_to_hub(model, processor, repo_id: str, *, token: str | bool | None = None, private: bool | None = None,
                 revision: str | None = None, commit_message: str = "Upload LoraCaptioner", create_pr: bool = False,
-                **card_info) -> CommitInfo:
-    """Save `model` + `processor` with a model card (`card_info`, see `write_model_card`) and push them in one
+                **card_options) -> CommitInfo:
+    """Save `model` + `processor` with a model card (`card_options`, see `write_model_card`) and push them in one
     commit. The card's snippets load `repo_id`."""
-    card_info.setdefault("revision", revision)  # the card's snippets pin the branch pushed to
+    card_options.setdefault("revision", revision)  # the card's snippets pin the branch pushed to
     with tempfile.TemporaryDirectory() as folder:
-        save_for_hub(model, processor, folder, repo_id=repo_id, **card_info)
+        save_for_hub(model, processor, folder, repo_id=repo_id, **card_options)
         return push_folder(folder, repo_id, token=token, private=private, revision=revision,
                            commit_message=commit_message, create_pr=create_pr)

@@ -48,3 +48,13 @@ def quiet_peft():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         yield
+
+
+def lora_targets(target_modules: str | list[str]) -> tuple[str, ...]:
+    """The decoder modules named in a saved adapter's `target_modules` (the pattern `decoder_lora_config` writes, or
+    a list of names), in their order."""
+    if not isinstance(target_modules, str):
+        return tuple(target_modules)
+    alternatives = re.search(r"\(\?:(.*)\)\$$", target_modules)
+    names = alternatives.group(1).split("|") if alternatives else [target_modules]
+    return tuple(re.sub(r"\\(.)", r"\1", name) for name in names)

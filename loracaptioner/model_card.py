@@ -1,19 +1,24 @@
 """Model cards for saved LoraCaptioner folders: `model_card_template.md` (package data, next to this file) rendered
 by huggingface_hub's `ModelCard`.
 
-`write_model_card` reads what the folder itself says (config.json, generation_config.json) and, when a training run
-wrote the folder, what the run knows (train_hf.py's argument dataclasses, the `TrainerState`, evaluation metrics,
-skipped rows). Every training argument is optional: a card for a folder saved by hand says "not recorded" instead.
+`write_model_card` reads only what is in the folder: config.json and generation_config.json; `adapter/` (the LoRA
+adapter, when one was trained or imported); and what a training run leaves there: trainer_state.json,
+eval_results.json and `training_run.json` (a `TrainingRun`: data, skipped rows, settings). A card for a folder saved by
+hand says "not recorded" where those are missing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .configuration_loracaptioner import LoraCaptionerConfig
+from .lora import lora_targets
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")  # package data, in every install
 # evaluation metric key (without the "eval_" prefix) -> name on the card, in the order of the card's table
@@ -28,6 +33,8 @@ METRIC_NAMES = {
 }
 HUB_METRICS = ["cider", "bleu", "rouge", "exact_match"]  # the card's `metrics:` field (Hub metric ids)
 NOT_RECORDED = "not recorded"
+RUN_RECORD_NAME = "training_run.json"
+ADAPTER_DIR = "adapter"  # where train_hf.py and convert_original keep the LoRA adapter of a merged folder
 # The card's `widget:` example images (the Hub's own sample images, as other image-to-text cards use them)
 WIDGET_EXAMPLES = [
     {"src": f"https://huggingface.co/datasets/mishig/sample_images/resolve/main/{name}", "example_title": title}
@@ -46,31 +53,53 @@ def _local_label(path: str) -> str:
     return "/".join(Path(path.rstrip("/")).parts[-2:]) if path else path
 
 
-def _dataset_label(data_args, split: str) -> tuple[str | None, str | None]:
-    """(label, Hub id or None) of the training (`split="train"`) or evaluation data named by train_hf's DataArguments."""
-    if data_args is None:
-        return None, None
-    if data_args.dataset_name:
-        hub_id = data_args.dataset_name if is_hub_id(data_args.dataset_name) else None
-        name = data_args.dataset_name if hub_id else _local_label(data_args.dataset_name)
-        return name, hub_id
-    folder = data_args.train_dir if split == "train" else data_args.validation_dir
-    files = data_args.train_file if split == "train" else data_args.validation_file
-    if folder:
-        return f"imagefolder {_local_label(folder)}", None
-    if files:
-        return "webdataset " + ", ".join(_local_label(file) for file in files), None
-    return None, None
+def data_source(dataset_name: str | None = None, data_dir: str | None = None,
+                data_files: list[str] | None = None) -> dict:
+    """How a card names data given as `load_caption_dataset` takes it: `{"name": label, "hub_id": id or None}`, with
+    local paths cut to their last two components (no absolute path of this machine goes into a card)."""
+    if dataset_name:
+        hub_id = dataset_name if is_hub_id(dataset_name) else None
+        return {"name": dataset_name if hub_id else _local_label(dataset_name), "hub_id": hub_id}
+    if data_dir:
+        return {"name": f"imagefolder {_local_label(data_dir)}", "hub_id": None}
+    if data_files:
+        return {"name": "webdataset " + ", ".join(_local_label(file) for file in data_files), "hub_id": None}
+    return {"name": None, "hub_id": None}
 
 
-def _base_models(config: dict, model_args) -> list[str]:
-    """Hub ids this model was built from: the LoraCaptioner it continued, else the CLIP and T5 backbones."""
-    if model_args is not None:
-        names = [model_args.model_name_or_path] if model_args.model_name_or_path else [
-            model_args.vision_model_name_or_path, model_args.text_model_name_or_path]
-    else:  # a folder saved by hand: the backbones' names are kept in the sub-configs
-        names = [config["vision_config"].get("_name_or_path"), config["text_config"].get("_name_or_path")]
-    return [name for name in names if is_hub_id(name)]
+@dataclass
+class TrainingRun:
+    """What a training run records beside the model it saves (`training_run.json`), for the card: what it started
+    from, its data, the rows it skipped and its settings. Everything else the card says is read from the folder."""
+
+    base_models: list[str] = field(default_factory=list)  # a LoraCaptioner it continued, or the two backbones
+    train_data: dict = field(default_factory=data_source)  # `data_source(...)`
+    eval_data: dict = field(default_factory=data_source)
+    eval_split: str | None = None
+    num_train_rows: int | None = None
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows
+    per_device_train_batch_size: int = 8
+    world_size: int = 1
+    gradient_accumulation_steps: int = 1
+    optimizer: str = ""
+    learning_rate: float = 0.0
+    lr_scheduler: str = ""
+    precision: str = "fp32"
+    seed: int = 42
+    generation_num_beams: int | None = None  # evaluation's decoding, when it overrode the saved defaults
+    generation_max_length: int | None = None
+
+    def save(self, folder) -> None:
+        (Path(folder) / RUN_RECORD_NAME).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder) -> TrainingRun | None:
+        path = Path(folder) / RUN_RECORD_NAME
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _eval_results(eval_metrics: dict, dataset_label: str, dataset_id: str | None, split: str | None) -> list[EvalResult]:
@@ -92,15 +121,16 @@ class TrainedParts:
     lora_modules: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, config: dict, lora_args=None) -> TrainedParts:
-        """From the saved config (`freeze_vision`) and train_hf.py's LoRA arguments (`lora_r`, `lora_target_modules`);
-        nothing is recorded without the LoRA arguments."""
-        if lora_args is None:
+    def of(cls, config: LoraCaptionerConfig, adapter: dict | None, run: TrainingRun | None) -> TrainedParts:
+        """From the saved config (`freeze_vision`) and the folder's LoRA adapter config (the decoder modules it
+        adapts); with no adapter, a training run's record says the decoder was fine-tuned in full. Nothing is
+        recorded without either."""
+        if adapter is None and run is None:
             return cls()
         return cls(
-            vision_tower="frozen" if config.get("freeze_vision", True) else "fine-tuned",
-            decoder="LoRA" if lora_args.lora_r > 0 else "fine-tuned",
-            lora_modules=tuple(lora_args.lora_target_modules) if lora_args.lora_r > 0 else (),
+            vision_tower="frozen" if config.freeze_vision else "fine-tuned",
+            decoder="LoRA" if adapter is not None else "fine-tuned",
+            lora_modules=lora_targets(adapter["target_modules"]) if adapter is not None else (),
         )
 
     def summary(self) -> str:
@@ -125,74 +155,64 @@ class TrainedParts:
         return getattr(self, part)
 
 
-def _value(option) -> str:
-    """An argument as the command line spells it (`adamw_torch_fused`, not `OptimizerNames.ADAMW_TORCH_FUSED`)."""
-    return str(getattr(option, "value", option))
-
-
-def _training_text(trained: TrainedParts, data_args, lora_args, training_args, state, skipped,
-                   num_train_rows: int | None) -> str:
-    """The card's training section: what the run recorded, or one sentence when the folder was saved by hand."""
-    if all(part is None for part in (data_args, lora_args, training_args, state, skipped, num_train_rows)):
+def _training_text(trained: TrainedParts, adapter: dict | None, run: TrainingRun | None, state: dict | None) -> str:
+    """The card's training section: what the folder records, or one sentence when it was saved by hand."""
+    if run is None and adapter is None:
         return f"{NOT_RECORDED.capitalize()}: this folder was saved outside train_hf.py."
-    label = _dataset_label(data_args, "train")[0]
-    rows = f"{num_train_rows:,} (image, caption) rows" if num_train_rows is not None else None
-    skipped_text = skipped.summary() if skipped is not None else NOT_RECORDED
-    data_text = ", ".join(part for part in (label, rows) if part) or NOT_RECORDED
-    lines = [f"- Data: {data_text}; rows skipped (undecodable images, empty captions): {skipped_text}."]
-    effective_batch = None
-    if training_args is not None:
-        effective_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                           * training_args.world_size)
-        precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+    lines = []
+    if run is not None:
+        rows = f"{run.num_train_rows:,} (image, caption) rows" if run.num_train_rows is not None else None
+        skipped = ", ".join(f"{count} {reason}" for reason, count in run.skipped.items()) or "none"
+        data_text = ", ".join(part for part in (run.train_data["name"], rows) if part) or NOT_RECORDED
+        lines.append(f"- Data: {data_text}; rows skipped (undecodable images, empty captions): {skipped}.")
+        effective_batch = run.per_device_train_batch_size * run.gradient_accumulation_steps * run.world_size
+        if state and state.get("global_step"):
+            lines.append(f"- Steps: {state['global_step']:,} optimizer steps ({state.get('epoch') or 0:.2f} epochs, "
+                         f"{state['global_step'] * effective_batch:,} caption rows seen).")
         lines.append(
-            f"- Batch: {training_args.per_device_train_batch_size} per device × {training_args.world_size} device(s) "
-            f"× {training_args.gradient_accumulation_steps} accumulation = {effective_batch}; optimizer "
-            f"{_value(training_args.optim)}, learning rate {training_args.learning_rate:g}, "
-            f"{_value(training_args.lr_scheduler_type)} schedule; precision {precision}; seed {training_args.seed}.")
-    if state is not None and state.global_step:
-        seen = f", {state.global_step * effective_batch:,} caption rows seen" if effective_batch else ""
-        lines.insert(1, f"- Steps: {state.global_step:,} optimizer steps ({state.epoch or 0:.2f} epochs{seen}).")
-    if trained.decoder == "LoRA":
-        merged = "merged into these weights" if getattr(lora_args, "merge_lora", True) else "kept as a separate adapter"
-        lines.append(f"- LoRA: r={lora_args.lora_r}, alpha={lora_args.lora_alpha}, dropout={lora_args.lora_dropout} on "
-                     f"the decoder modules {', '.join(trained.lora_modules)}; {merged}.")
-    elif trained.decoder == "fine-tuned":
-        lines.append("- LoRA: none, the decoder was fine-tuned fully.")
+            f"- Batch: {run.per_device_train_batch_size} per device × {run.world_size} device(s) "
+            f"× {run.gradient_accumulation_steps} accumulation = {effective_batch}; optimizer {run.optimizer}, "
+            f"learning rate {run.learning_rate:g}, {run.lr_scheduler} schedule; precision {run.precision}; "
+            f"seed {run.seed}.")
     else:
-        lines.append(f"- LoRA: {NOT_RECORDED}.")
+        lines.append(f"- Data: {NOT_RECORDED}; rows skipped (undecodable images, empty captions): {NOT_RECORDED}.")
+    if trained.decoder == "LoRA":
+        lines.append(f"- LoRA: r={adapter['r']}, alpha={adapter['lora_alpha']}, dropout={adapter['lora_dropout']} on "
+                     f"the decoder modules {', '.join(trained.lora_modules)}; merged into these weights.")
+    else:
+        lines.append("- LoRA: none, the decoder was fine-tuned fully.")
     return "\n".join(lines)
 
 
-def write_model_card(output_dir, model_args=None, data_args=None, lora_args=None, training_args=None, state=None,
-                     eval_metrics: dict | None = None, skipped=None, repo_id: str | None = None, *,
-                     num_train_rows: int | None = None, revision: str | None = None, space_id: str | None = None,
-                     license: str = "apache-2.0", base_model: list[str] | None = None,
+def write_model_card(output_dir, repo_id: str | None = None, *, revision: str | None = None,
+                     space_id: str | None = None, license: str = "apache-2.0", base_model: list[str] | None = None,
                      datasets: list[str] | None = None) -> ModelCard:
-    """Render `output_dir/README.md` for the model saved there and return the card.
+    """Render `output_dir/README.md` for the model saved there, from what the folder holds (see the module's
+    docstring), and return the card.
 
-    `model_args`, `data_args`, `lora_args`, `training_args` are train_hf.py's argument dataclasses, `state` the
-    Trainer's `TrainerState`, `eval_metrics` the `trainer.evaluate()` dict (`eval_cider`, `eval_bleu_4`, ...: they fill
-    the card's `model-index`), `skipped` the run's `SkipCounter`. `repo_id` is the Hub id the usage snippets load
-    (default: `--hub_model_id`, else a placeholder); `revision` the one they pin (default `main`, with a note to pin a
-    commit). `base_model` / `datasets` override the Hub ids found in the arguments and the config.
+    `repo_id` is the Hub id the usage snippets load (default: a placeholder); `revision` the one they pin (default
+    `main`, with a note to pin a commit). `base_model` / `datasets` override the Hub ids found in the folder.
     """
     output_dir = Path(output_dir)
-    config = json.loads((output_dir / "config.json").read_text())
-    generation_path = output_dir / "generation_config.json"
-    generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}
-    vision, text = config["vision_config"], config["text_config"]
-    repo_id = repo_id or getattr(training_args, "hub_model_id", None) or f"your-name/{output_dir.resolve().name}"
+    config = LoraCaptionerConfig.from_pretrained(output_dir)
+    generation = _read_json(output_dir / "generation_config.json") or {}
+    adapter = _read_json(output_dir / ADAPTER_DIR / "adapter_config.json")
+    run = TrainingRun.load(output_dir)
+    state = _read_json(output_dir / "trainer_state.json")
+    eval_metrics = _read_json(output_dir / "eval_results.json") or {}
+    repo_id = repo_id or f"your-name/{output_dir.resolve().name}"
     model_name = repo_id.split("/")[-1]
-    trained = TrainedParts.of(config, lora_args)
+    trained = TrainedParts.of(config, adapter, run)
 
-    base_model = base_model if base_model is not None else _base_models(config, model_args)
-    train_label, train_dataset_id = _dataset_label(data_args, "train")
-    eval_label, eval_dataset_id = _dataset_label(data_args, "validation")
+    if base_model is None:  # what the run started from, else the backbones' names kept in the sub-configs
+        names = run.base_models if run else [config.vision_config._name_or_path, config.text_config._name_or_path]
+        base_model = [name for name in names if is_hub_id(name)]
+    train_data, eval_data = (run.train_data, run.eval_data) if run else (data_source(), data_source())
     if datasets is None:
-        datasets = [train_dataset_id] if train_dataset_id else []
-    eval_split = getattr(data_args, "validation_split", None) if eval_dataset_id else "validation"
-    eval_results = _eval_results(eval_metrics or {}, eval_label or train_label or "custom", eval_dataset_id, eval_split)
+        datasets = [train_data["hub_id"]] if train_data["hub_id"] else []
+    eval_split = run.eval_split if eval_data["hub_id"] else "validation"
+    eval_results = _eval_results(eval_metrics, eval_data["name"] or train_data["name"] or "custom",
+                                 eval_data["hub_id"], eval_split)
 
     tags = ["image-captioning", "custom_code", "clip", "t5", "loracaptioner"]
     if trained.decoder == "LoRA":
@@ -204,17 +224,17 @@ def write_model_card(output_dir, model_args=None, data_args=None, lora_args=None
     )
 
     if eval_results:
-        num_beams = getattr(training_args, "generation_num_beams", None) or generation.get("num_beams", 1)
+        num_beams = (run and run.generation_num_beams) or generation.get("num_beams", 1)
         decoding = "greedy decoding" if num_beams == 1 else f"beam search ({num_beams} beams)"
         decoding += " with the saved generation defaults"
-        max_length = getattr(training_args, "generation_max_length", None)  # it counts the decoder's start token
+        max_length = run and run.generation_max_length  # it counts the decoder's start token
         decoding += f", at most {max_length - 1} new tokens" if max_length else ""
         rows = "\n".join(f"| {result.metric_name} | {result.metric_value:.4f} |" for result in eval_results)
         eval_table = (f"On {eval_results[0].dataset_name} ({eval_results[0].dataset_split} split), "
                       f"{decoding}:\n\n| metric | value |\n|---|---|\n{rows}")
     else:
         eval_table = "No evaluation was run for this checkpoint."
-    use_projection = config.get("use_clip_projection", True)
+    vision, text = config.vision_config, config.text_config
     card = ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
@@ -225,23 +245,22 @@ def write_model_card(output_dir, model_args=None, data_args=None, lora_args=None
         space_text=(f"the [demo Space](https://huggingface.co/spaces/{space_id})" if space_id else
                     f"the Gradio app in LoraCaptioner's `space/` folder (`python space/app.py --model {repo_id} "
                     "--revision <commit sha>`), which runs locally or as a Space"),
-        vision_summary=(f"{vision['num_hidden_layers']} layers, width {vision['hidden_size']}, patch "
-                        f"{vision['patch_size']}, {vision['image_size']} px"),
-        projection_note=(f", CLIP visual projection {vision['hidden_size']} → {vision['projection_dim']}"
-                         if use_projection else ""),
+        vision_summary=(f"{vision.num_hidden_layers} layers, width {vision.hidden_size}, patch {vision.patch_size}, "
+                        f"{vision.image_size} px"),
+        projection_note=(f", CLIP visual projection {vision.hidden_size} → {vision.projection_dim}"
+                         if config.use_clip_projection else ""),
         vision_training=trained.table_cell("vision_tower"),
         bridge_training=trained.table_cell("bridge"),
-        bridge_in=vision["projection_dim"] if use_projection else vision["hidden_size"],
-        d_model=text["d_model"],
-        text_summary=f"{text['num_decoder_layers']} layers, width {text['d_model']}, vocabulary {text['vocab_size']}",
-        num_image_tokens=((vision["image_size"] // vision["patch_size"]) ** 2
-                          + (0 if config.get("drop_cls_token", True) else 1)),
+        bridge_in=config.image_token_dim,
+        d_model=text.d_model,
+        text_summary=f"{text.num_decoder_layers} layers, width {text.d_model}, vocabulary {text.vocab_size}",
+        num_image_tokens=config.num_image_tokens,
         decoder_training=trained.table_cell("decoder"),
         eval_table=eval_table,
         generation_text=", ".join(f"`{key}={value}`" for key, value in generation.items()
                                   if key in ("max_new_tokens", "no_repeat_ngram_size", "num_beams")) or "none saved",
         max_new_tokens=generation.get("max_new_tokens", 32),
-        training_text=_training_text(trained, data_args, lora_args, training_args, state, skipped, num_train_rows),
+        training_text=_training_text(trained, adapter, run, state),
     )
     card.save(output_dir / "README.md")
     return card

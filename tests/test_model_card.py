@@ -7,6 +7,7 @@ import io
 import json
 import re
 import shlex
+import shutil
 import sys
 
 import numpy as np
@@ -15,39 +16,43 @@ import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 from PIL import Image
-from transformers import Seq2SeqTrainingArguments, TrainerState
+from transformers import TrainerState
 
 import train_hf  # the repository root is on sys.path (conftest)
-from loracaptioner.data import SkipCounter
+from loracaptioner import LoraCaptionerForConditionalGeneration
+from loracaptioner.configuration_loracaptioner import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL
 from loracaptioner.hub import save_for_hub
-from loracaptioner.model_card import write_model_card
+from loracaptioner.lora import decoder_lora_config
+from loracaptioner.model_card import ADAPTER_DIR, TrainingRun, data_source, write_model_card
 
 EVAL_METRICS = {"eval_loss": 2.31, "eval_cider": 0.4127, "eval_bleu_1": 0.4411, "eval_bleu_2": 0.2803,
                 "eval_bleu_3": 0.1702, "eval_bleu_4": 0.1035, "eval_rouge_l": 0.3552, "eval_exact_match": 0.0125,
                 "epoch": 8.0}
 
 
-def cc3m_run(tmp_path, **lora):
-    """train_hf.py's arguments and Trainer state for the original CC3M recipe (configs/cc3m_seed.yaml)."""
-    model_args = train_hf.ModelArguments()  # openai/clip-vit-base-patch16 + google/flan-t5-base
-    data_args = train_hf.DataArguments(dataset_name="pixparse/cc3m-wds", max_train_samples=300_000)
-    lora_args = train_hf.LoraArguments(**lora)
-    training_args = Seq2SeqTrainingArguments(
-        output_dir=str(tmp_path / "run"), per_device_train_batch_size=256, learning_rate=1e-4, num_train_epochs=8,
-        hub_model_id="someone/loracaptioner-cc3m", report_to="none", use_cpu=True, seed=7,
-    )
-    state = TrainerState(global_step=9375, epoch=8.0)
-    skipped = SkipCounter()
-    skipped.add("undecodable image", 12)
-    return {"model_args": model_args, "data_args": data_args, "lora_args": lora_args, "training_args": training_args,
-            "state": state, "skipped": skipped, "num_train_rows": 299_988}
+def cc3m_run(folder, eval_metrics: dict | None = None, lora_r: int = 8) -> str:
+    """What train_hf.py leaves in `folder` after the original CC3M recipe (configs/cc3m_seed.yaml), before the card:
+    its run record, the Trainer's state, the evaluation results and the LoRA adapter (r=8, alpha=16, dropout 0.1).
+    Returns the Hub id the run pushes to."""
+    cc3m = data_source("pixparse/cc3m-wds")
+    TrainingRun(base_models=[DEFAULT_VISION_MODEL, DEFAULT_TEXT_MODEL], train_data=cc3m, eval_data=cc3m,
+                eval_split="validation", num_train_rows=299_988, skipped={"undecodable image": 12},
+                per_device_train_batch_size=256, optimizer="adamw_torch", learning_rate=1e-4, lr_scheduler="linear",
+                seed=7).save(folder)
+    TrainerState(global_step=9375, epoch=8.0).save_to_json(str(folder / "trainer_state.json"))
+    (folder / "eval_results.json").unlink(missing_ok=True)
+    if eval_metrics:
+        (folder / "eval_results.json").write_text(json.dumps(eval_metrics))
+    shutil.rmtree(folder / ADAPTER_DIR, ignore_errors=True)
+    if lora_r:
+        model = LoraCaptionerForConditionalGeneration.from_pretrained(folder)
+        decoder_lora_config(model, r=lora_r, alpha=16, dropout=0.1).save_pretrained(folder / ADAPTER_DIR)
+    return "someone/loracaptioner-cc3m"
 
 
 @pytest.fixture(scope="module")
 def saved(backbones, processor, tmp_path_factory):
     """A tiny saved LoraCaptioner folder, as train_hf.py or save_pretrained leaves it (before the card)."""
-    from loracaptioner import LoraCaptionerForConditionalGeneration
-
     folder = tmp_path_factory.mktemp("model")
     LoraCaptionerForConditionalGeneration.from_backbones(*backbones).save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -58,8 +63,8 @@ def code_blocks(text: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", text, flags=re.DOTALL)
 
 
-def test_card_of_a_training_run_has_hub_metadata_that_huggingface_hub_parses(saved, tmp_path):
-    write_model_card(saved, eval_metrics=EVAL_METRICS, **cc3m_run(tmp_path))
+def test_card_of_a_training_run_has_hub_metadata_that_huggingface_hub_parses(saved):
+    write_model_card(saved, cc3m_run(saved, EVAL_METRICS))
     data = ModelCard.load(saved / "README.md", ignore_metadata_errors=False).data
     assert data.library_name == "transformers" and data.pipeline_tag == "image-to-text"
     assert {"image-captioning", "lora", "custom_code"} <= set(data.tags)
@@ -68,8 +73,8 @@ def test_card_of_a_training_run_has_hub_metadata_that_huggingface_hub_parses(sav
     assert {"cider", "bleu", "rouge"} <= set(data.metrics)
 
 
-def test_model_index_round_trips_to_the_evaluation_metrics_of_the_run(saved, tmp_path):
-    write_model_card(saved, eval_metrics=EVAL_METRICS, **cc3m_run(tmp_path))
+def test_model_index_round_trips_to_the_evaluation_metrics_of_the_run(saved):
+    write_model_card(saved, cc3m_run(saved, EVAL_METRICS))
     card = ModelCard.load(saved / "README.md")
     model_index = card.data.to_dict()["model-index"]
     name, results = model_index_to_eval_results(model_index)
@@ -83,8 +88,8 @@ def test_model_index_round_trips_to_the_evaluation_metrics_of_the_run(saved, tmp
     assert "| CIDEr-D | 0.4127 |" in card.text and "| BLEU-4 | 0.1035 |" in card.text
 
 
-def test_card_describes_the_training_run(saved, tmp_path):
-    card = write_model_card(saved, eval_metrics=EVAL_METRICS, **cc3m_run(tmp_path))
+def test_card_describes_the_training_run(saved):
+    card = write_model_card(saved, cc3m_run(saved, EVAL_METRICS))
     text = card.text
     assert "pixparse/cc3m-wds, 299,988 (image, caption) rows" in text and "12 undecodable image" in text
     assert "9,375 optimizer steps (8.00 epochs, 2,400,000 caption rows seen)" in text
@@ -93,8 +98,8 @@ def test_card_describes_the_training_run(saved, tmp_path):
     assert "{{" not in text and "None" not in text
 
 
-def test_card_of_a_full_fine_tune_is_not_tagged_lora(saved, tmp_path):
-    card = write_model_card(saved, **cc3m_run(tmp_path, lora_r=0))
+def test_card_of_a_full_fine_tune_is_not_tagged_lora(saved):
+    card = write_model_card(saved, cc3m_run(saved, lora_r=0))
     assert "lora" not in card.data.tags and "the decoder was fine-tuned fully" in card.text
 
 
@@ -120,10 +125,10 @@ def test_card_of_a_folder_saved_by_hand_names_hub_backbones_as_base_models(model
     assert 'repo_id = "someone/captioner"' in card.text
 
 
-def test_command_lines_in_the_card_parse_with_the_cli(saved, tmp_path):
+def test_command_lines_in_the_card_parse_with_the_cli(saved):
     from loracaptioner.cli import build_parser
 
-    card = write_model_card(saved, **cc3m_run(tmp_path))
+    card = write_model_card(saved, cc3m_run(saved))
     commands = [shlex.split(line) for line in code_blocks(card.text, "bash")[0].splitlines() if line.strip()]
     assert commands[0] == ["loracaptioner", "caption", "someone/loracaptioner-cc3m", "images/", "--output",
                            "captions.jsonl"]
@@ -133,7 +138,7 @@ def test_command_lines_in_the_card_parse_with_the_cli(saved, tmp_path):
 
 def test_usage_snippets_in_the_card_run_as_written(saved, tmp_path, monkeypatch):
     """Every python block of the card, with the local folder in place of the Hub id (and `photo.jpg` present)."""
-    card = write_model_card(saved, eval_metrics=EVAL_METRICS, **cc3m_run(tmp_path))
+    card = write_model_card(saved, cc3m_run(saved, EVAL_METRICS))
     blocks = code_blocks(card.text, "python")
     assert len(blocks) == 2 and "trust_remote_code=True" in blocks[0] and 'revision = "main"' in blocks[0]
     assert 'pipeline("image-text-to-text"' in blocks[1]
@@ -188,8 +193,6 @@ def four_images(tmp_path_factory):
 @pytest.mark.parametrize("run", RUNS)
 def test_card_of_a_run_says_what_it_trained_in_prose_table_training_section_and_tags(run, backbones, four_images,
                                                                                       tmp_path):
-    from loracaptioner import LoraCaptionerForConditionalGeneration
-
     flags, (vision_says, decoder_says), (vision_cell, decoder_cell), lora_line = RUNS[run]
     original = sys.argv
     sys.argv = ["train_hf.py", "--vision_model_name_or_path", backbones[0], "--text_model_name_or_path", backbones[1],

@@ -16,6 +16,7 @@ Rerun the same command after an interruption: it resumes from the last *complete
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -49,6 +50,19 @@ from loracaptioner.model_card import ADAPTER_DIR, TrainingRun, data_source
 from loracaptioner.trainer import CaptionTrainer
 
 logger = logging.getLogger(__name__)
+
+
+class UsageError(ValueError):
+    """A run that cannot start: its arguments, data paths or model are wrong. Reported in one line, exit code 2."""
+
+
+@contextlib.contextmanager
+def usage_errors():
+    """ValueErrors and OSErrors inside become `UsageError`s (a failure while training keeps its traceback)."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        raise UsageError(str(error)) from error
 
 
 @dataclass
@@ -119,157 +133,163 @@ class LoraArguments:
 
 
 def main():
-    # 1. Arguments (command line, or one .json/.yaml file), logging, seed.
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, Seq2SeqTrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
-        loader = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
-        model_args, data_args, lora_args, training_args = loader(os.path.abspath(sys.argv[1]))
-    else:
-        model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses()
-    training_args.remove_unused_columns = False  # the collator reads the raw `image` / `caption` columns
-    training_args.predict_with_generate = (training_args.predict_with_generate or training_args.do_eval
-                                           or training_args.do_predict)
-    # The Trainer's own hub push would commit every checkpoint, with training_args.bin and a root adapter_config.json;
-    # the repo gets one commit of the final, merged folder instead (step 7).
-    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
-    if push_to_hub and not training_args.do_train:
-        raise ValueError("--push_to_hub uploads the model this run trains: use it with --do_train (a run without "
-                         "it writes no model)")
-    if push_to_hub and lora_args.lora_r > 0 and not lora_args.merge_lora:
-        raise ValueError("--push_to_hub uploads the merged LoraCaptioner folder: use it with --merge_lora true "
-                         "(output_dir/adapter, the LoRA adapter alone, is written either way).")
-    if training_args.ddp_find_unused_parameters is None:  # LoRA and bridge get gradients every step: no graph search
-        training_args.ddp_find_unused_parameters = False
-
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    logger.info(f"Training/evaluation parameters {training_args}")
-    set_seed(training_args.seed)
-
-
-    # Resume: from --resume_from_checkpoint PATH, else (or with `true`) from output_dir's last *complete* checkpoint.
-    resume_from_checkpoint = training_args.resume_from_checkpoint
-    if training_args.do_train and resume_from_checkpoint in (None, "true", "True", "last"):
-        with training_args.main_process_first(desc="looking for the last complete checkpoint"):
-            last_checkpoint = last_complete_checkpoint(training_args.output_dir,
-                                                       set_aside_incomplete=training_args.should_save)
-        if last_checkpoint is None and resume_from_checkpoint is not None:
-            raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: no complete checkpoint in "
-                             f"{training_args.output_dir}")
-        if last_checkpoint is not None:
-            logger.info(f"Resuming from {last_checkpoint}. Use another --output_dir to start afresh.")
-        resume_from_checkpoint = last_checkpoint
-    elif training_args.do_train and (problem := checkpoint_problem(resume_from_checkpoint)):
-        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: {problem}")
-
-    # 2. Data: one split each for training, evaluation and prediction, bad rows dropped and counted.
-    skipped = SkipCounter()
-
-    def load_split(split, data_dir, data_files, max_samples, for_training=False, for_prediction=False):
-        if not (data_args.dataset_name or data_dir or data_files):
-            name, flag = ("train", "--do_train") if for_training else ("test", "--do_predict") if for_prediction else (
-                "validation", "--do_eval")
-            raise ValueError(f"{flag} needs data: --{name}_dir, --{name}_file or --dataset_name (with --{name}_split)")
-        raw = load_caption_dataset(data_args.dataset_name, data_args.dataset_config_name, split, data_dir, data_files,
-                                   data_args.streaming, model_args.cache_dir)
-        columns = list(raw.column_names or next(iter(raw.take(1))).keys())
-        image_column = detect_column(columns, data_args.image_column, IMAGE_COLUMNS, "image")
-        has_captions = (data_args.caption_column in columns if data_args.caption_column
-                        else any(name in columns for name in CAPTION_COLUMNS))
-        if for_prediction and not has_captions:  # images to caption, with no references to score against
-            logger.info(f"the {split} split has no caption column: its captions are written, not scored")
-            caption_column = None
+    with usage_errors():  # until training starts, a ValueError or OSError is the user's arguments, data or model
+        # 1. Arguments (command line, or one .json/.yaml file), logging, seed.
+        parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, Seq2SeqTrainingArguments))
+        if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
+            loader = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
+            model_args, data_args, lora_args, training_args = loader(os.path.abspath(sys.argv[1]))
         else:
-            caption_column = detect_column(columns, data_args.caption_column, CAPTION_COLUMNS, "caption")
-        return prepare_split(raw, image_column, caption_column, skipped, one_row_per_caption=for_training,
-                             max_samples=max_samples, num_proc=data_args.preprocessing_num_workers,
-                             require_caption=not for_prediction)
+            model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses()
+        training_args.remove_unused_columns = False  # the collator reads the raw `image` / `caption` columns
+        training_args.predict_with_generate = (training_args.predict_with_generate or training_args.do_eval
+                                               or training_args.do_predict)
+        # The Trainer's own hub push would commit every checkpoint, with training_args.bin and a root
+        # adapter_config.json; the repo gets one commit of the final, merged folder instead (step 7).
+        push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+        if push_to_hub and not training_args.do_train:
+            raise ValueError("--push_to_hub uploads the model this run trains: use it with --do_train (a run without "
+                             "it writes no model)")
+        if push_to_hub and lora_args.lora_r > 0 and not lora_args.merge_lora:
+            raise ValueError("--push_to_hub uploads the merged LoraCaptioner folder: use it with --merge_lora true "
+                             "(output_dir/adapter, the LoRA adapter alone, is written either way).")
+        # LoRA and bridge get gradients every step: no graph search
+        if training_args.ddp_find_unused_parameters is None:
+            training_args.ddp_find_unused_parameters = False
 
-    train_dataset = eval_dataset = predict_dataset = None
-    if training_args.do_train:
-        train_dataset = load_split(data_args.train_split, data_args.train_dir, data_args.train_file,
-                                   data_args.max_train_samples, for_training=True)
-    if training_args.do_eval:
-        eval_dataset = load_split(data_args.validation_split, data_args.validation_dir, data_args.validation_file,
-                                  data_args.max_eval_samples)
-    if training_args.do_predict:
-        predict_dataset = load_split(data_args.test_split, data_args.test_dir, data_args.test_file,
-                                     data_args.max_predict_samples, for_prediction=True)
-        if data_args.streaming:  # the predictions file pairs each caption with its row's key and references
-            predict_dataset = datasets.Dataset.from_list(list(predict_dataset))
-        if len(predict_dataset) == 0:
-            raise ValueError(f"no test rows to caption (skipped: {skipped.summary()})")
+        logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+                            handlers=[logging.StreamHandler(sys.stdout)])
+        log_level = training_args.get_process_log_level()
+        logger.setLevel(log_level)
+        transformers.utils.logging.set_verbosity(log_level)
+        logger.info(f"Training/evaluation parameters {training_args}")
+        set_seed(training_args.seed)
 
-    # 3. Model and processor: two backbones (new bridge) or an existing LoraCaptioner; then LoRA on the decoder.
-    # The model's config decides what trains (`freeze_vision`); the processor's, how long a caption label gets.
-    if model_args.model_name_or_path:
-        model = LoraCaptionerForConditionalGeneration.from_pretrained(
-            model_args.model_name_or_path, cache_dir=model_args.cache_dir, freeze_vision=model_args.freeze_vision)
-        processor = LoraCaptionerProcessor.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
-    else:
-        model = LoraCaptionerForConditionalGeneration.from_backbones(
-            model_args.vision_model_name_or_path, model_args.text_model_name_or_path,
-            use_clip_projection=model_args.use_clip_projection, freeze_vision=model_args.freeze_vision,
+
+        # Resume: from --resume_from_checkpoint PATH, else (or with `true`) from output_dir's last *complete*
+        # checkpoint.
+        resume_from_checkpoint = training_args.resume_from_checkpoint
+        if training_args.do_train and resume_from_checkpoint in (None, "true", "True", "last"):
+            with training_args.main_process_first(desc="looking for the last complete checkpoint"):
+                last_checkpoint = last_complete_checkpoint(training_args.output_dir,
+                                                           set_aside_incomplete=training_args.should_save)
+            if last_checkpoint is None and resume_from_checkpoint is not None:
+                raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: no complete checkpoint in "
+                                 f"{training_args.output_dir}")
+            if last_checkpoint is not None:
+                logger.info(f"Resuming from {last_checkpoint}. Use another --output_dir to start afresh.")
+            resume_from_checkpoint = last_checkpoint
+        elif training_args.do_train and (problem := checkpoint_problem(resume_from_checkpoint)):
+            raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: {problem}")
+
+        # 2. Data: one split each for training, evaluation and prediction, bad rows dropped and counted.
+        skipped = SkipCounter()
+
+        def load_split(split, data_dir, data_files, max_samples, for_training=False, for_prediction=False):
+            if not (data_args.dataset_name or data_dir or data_files):
+                name, flag = (("train", "--do_train") if for_training else ("test", "--do_predict")
+                              if for_prediction else ("validation", "--do_eval"))
+                raise ValueError(f"{flag} needs data: --{name}_dir, --{name}_file or --dataset_name "
+                                 f"(with --{name}_split)")
+            raw = load_caption_dataset(data_args.dataset_name, data_args.dataset_config_name, split, data_dir,
+                                       data_files, data_args.streaming, model_args.cache_dir)
+            columns = list(raw.column_names or next(iter(raw.take(1))).keys())
+            image_column = detect_column(columns, data_args.image_column, IMAGE_COLUMNS, "image")
+            has_captions = (data_args.caption_column in columns if data_args.caption_column
+                            else any(name in columns for name in CAPTION_COLUMNS))
+            if for_prediction and not has_captions:  # images to caption, with no references to score against
+                logger.info(f"the {split} split has no caption column: its captions are written, not scored")
+                caption_column = None
+            else:
+                caption_column = detect_column(columns, data_args.caption_column, CAPTION_COLUMNS, "caption")
+            return prepare_split(raw, image_column, caption_column, skipped, one_row_per_caption=for_training,
+                                 max_samples=max_samples, num_proc=data_args.preprocessing_num_workers,
+                                 require_caption=not for_prediction)
+
+        train_dataset = eval_dataset = predict_dataset = None
+        if training_args.do_train:
+            train_dataset = load_split(data_args.train_split, data_args.train_dir, data_args.train_file,
+                                       data_args.max_train_samples, for_training=True)
+        if training_args.do_eval:
+            eval_dataset = load_split(data_args.validation_split, data_args.validation_dir, data_args.validation_file,
+                                      data_args.max_eval_samples)
+        if training_args.do_predict:
+            predict_dataset = load_split(data_args.test_split, data_args.test_dir, data_args.test_file,
+                                         data_args.max_predict_samples, for_prediction=True)
+            if data_args.streaming:  # the predictions file pairs each caption with its row's key and references
+                predict_dataset = datasets.Dataset.from_list(list(predict_dataset))
+            if len(predict_dataset) == 0:
+                raise ValueError(f"no test rows to caption (skipped: {skipped.summary()})")
+
+        # 3. Model and processor: two backbones (new bridge) or an existing LoraCaptioner; then LoRA on the decoder.
+        # The model's config decides what trains (`freeze_vision`); the processor's, how long a caption label gets.
+        if model_args.model_name_or_path:
+            model = LoraCaptionerForConditionalGeneration.from_pretrained(
+                model_args.model_name_or_path, cache_dir=model_args.cache_dir, freeze_vision=model_args.freeze_vision)
+            processor = LoraCaptionerProcessor.from_pretrained(model_args.model_name_or_path,
+                                                               cache_dir=model_args.cache_dir)
+        else:
+            model = LoraCaptionerForConditionalGeneration.from_backbones(
+                model_args.vision_model_name_or_path, model_args.text_model_name_or_path,
+                use_clip_projection=model_args.use_clip_projection, freeze_vision=model_args.freeze_vision,
+            )
+            processor = LoraCaptionerProcessor.from_backbones(model_args.vision_model_name_or_path,
+                                                              model_args.text_model_name_or_path)
+        processor.max_target_length = data_args.max_target_length
+        if model_args.cache_vision_features and train_dataset is not None:
+            model.get_encoder().to(training_args.device)
+            with training_args.main_process_first(desc="caching vision features"):
+                train_dataset = cache_vision_features(train_dataset, model, processor,
+                                                      batch_size=training_args.per_device_eval_batch_size)
+        if lora_args.lora_r > 0 and training_args.do_train:  # evaluating a fresh (zero) adapter would change nothing
+            with quiet_peft():
+                lora_config = decoder_lora_config(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout,
+                                                  lora_args.lora_target_modules)
+                model = get_peft_model(model, lora_config)
+        if training_args.do_train:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in model.parameters())
+            logger.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+
+        # 4. Metrics: CIDEr-D, BLEU-1..4, ROUGE-L (local evaluate module) and exact match, against every reference.
+        def decode(predicted_ids) -> list[str]:
+            predicted_ids = torch.as_tensor(predicted_ids)
+            # the Trainer pads gathered predictions with -100
+            predicted_ids = predicted_ids.masked_fill(predicted_ids == -100, processor.tokenizer.pad_token_id)
+            return [text.strip() for text in processor.batch_decode(predicted_ids, skip_special_tokens=True)]
+
+        eval_references = None if eval_dataset is None or data_args.streaming else eval_dataset["references"]
+        predict_references = None if predict_dataset is None else predict_dataset["references"]
+        if any(eval_references or []) or any(predict_references or []):
+            caption_metrics = load_caption_metrics()
+
+        def compute_metrics_for(references):
+            """`compute_metrics` for a split whose rows have these references; rows without any are not scored."""
+            if not any(references or []):
+                return None
+
+            def compute_metrics(eval_prediction):
+                captions = decode(eval_prediction.predictions)
+                scored = [(caption, refs) for caption, refs in zip(captions, references) if refs]
+                captions, refs = [caption for caption, _ in scored], [refs for _, refs in scored]
+                scores = caption_metrics.compute(predictions=captions, references=refs)
+                scores["exact_match"] = exact_match(captions, refs)
+                return {name: round(float(value), 6) for name, value in scores.items()}
+
+            return compute_metrics
+
+        # 5. Trainer: the collator decodes images lazily (or reads cached features) and builds labels with -100 padding.
+        trainer = CaptionTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=CaptionCollator(processor, model=model),
+            processing_class=processor,
+            compute_metrics=compute_metrics_for(eval_references),
         )
-        processor = LoraCaptionerProcessor.from_backbones(model_args.vision_model_name_or_path,
-                                                          model_args.text_model_name_or_path)
-    processor.max_target_length = data_args.max_target_length
-    if model_args.cache_vision_features and train_dataset is not None:
-        model.get_encoder().to(training_args.device)
-        with training_args.main_process_first(desc="caching vision features"):
-            train_dataset = cache_vision_features(train_dataset, model, processor,
-                                                  batch_size=training_args.per_device_eval_batch_size)
-    if lora_args.lora_r > 0 and training_args.do_train:  # evaluating a fresh (zero) adapter would change nothing
-        with quiet_peft():
-            model = get_peft_model(model, decoder_lora_config(model, lora_args.lora_r, lora_args.lora_alpha,
-                                                              lora_args.lora_dropout, lora_args.lora_target_modules))
-    if training_args.do_train:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
-        logger.info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-
-    # 4. Metrics: CIDEr-D, BLEU-1..4, ROUGE-L (local evaluate module) and exact match, against every reference.
-    def decode(predicted_ids) -> list[str]:
-        predicted_ids = torch.as_tensor(predicted_ids)
-        predicted_ids = predicted_ids.masked_fill(predicted_ids == -100, processor.tokenizer.pad_token_id)  # gather pad
-        return [text.strip() for text in processor.batch_decode(predicted_ids, skip_special_tokens=True)]
-
-    eval_references = None if eval_dataset is None or data_args.streaming else eval_dataset["references"]
-    predict_references = None if predict_dataset is None else predict_dataset["references"]
-    if any(eval_references or []) or any(predict_references or []):
-        caption_metrics = load_caption_metrics()
-
-    def compute_metrics_for(references):
-        """`compute_metrics` for a split whose rows have these references; rows without any are not scored."""
-        if not any(references or []):
-            return None
-
-        def compute_metrics(eval_prediction):
-            scored = [(caption, refs) for caption, refs in zip(decode(eval_prediction.predictions), references) if refs]
-            captions, refs = [caption for caption, _ in scored], [refs for _, refs in scored]
-            scores = caption_metrics.compute(predictions=captions, references=refs)
-            scores["exact_match"] = exact_match(captions, refs)
-            return {name: round(float(value), 6) for name, value in scores.items()}
-
-        return compute_metrics
-
-    # 5. Trainer: the collator decodes images lazily (or reads cached features) and builds labels with -100 padding.
-    trainer = CaptionTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=CaptionCollator(processor, model=model),
-        processing_class=processor,
-        compute_metrics=compute_metrics_for(eval_references),
-    )
 
     # 6. Train, evaluate, predict.
-    global _setup_finished
-    _setup_finished = True
     summary = {}
     if training_args.do_train:
         started = time.perf_counter()
@@ -367,14 +387,9 @@ def main():
     return summary
 
 
-_setup_finished = False  # errors until then are the user's arguments, data paths or model: see below
-
-
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError) as error:
-        if _setup_finished:  # a failure while training or evaluating keeps its traceback
-            raise
+    except UsageError as error:
         print(f"train_hf.py: error: {error}", file=sys.stderr)  # one line, exit code 2, like argparse
         sys.exit(2)

@@ -116,7 +116,7 @@ class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return [name for name in names if getattr(self.encoder, name) is not None]
 
     def freeze_vision(self) -> None:
-        """Apply `config.freeze_vision` (done at construction and loading): freeze the encoder's modules that do not train."""
+        """Apply `config.freeze_vision` (on construction, loading): freeze the encoder's modules that do not train."""
         for name, module in self.encoder.named_children():
             module.requires_grad_(name in self.trainable_image_modules)
 
@@ -203,7 +203,7 @@ class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
     ) -> Seq2SeqLMOutput:
         r"""
         pixel_values: `(batch, 3, H, W)` images from the processor; ignored when `encoder_outputs` is given.
-        image_features: `(batch, tokens, image_token_dim)` from `encoder.encode_vision` (e.g. cached), instead of pixels.
+        image_features: `(batch, tokens, image_token_dim)` from `encoder.encode_vision` (e.g. cached), for pixels.
         labels: `(batch, length)` caption ids; -100 marks positions left out of the loss. When `decoder_input_ids` is
             not given it is made from `labels` (shifted right behind `decoder_start_token_id`).
         cache: the decoder's key/value cache (`past_key_values` before transformers 5.24).

@@ -35,7 +35,6 @@ def train_rows():
     return prepare_split(in_memory, "image", "caption", SkipCounter(), one_row_per_caption=True)
 
 
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft's, not ours
 def test_cached_features_give_the_loss_and_bridge_gradient_of_pixels(model, processor, train_rows, tmp_path):
     cached_rows = cache_vision_features(train_rows, model, processor, batch_size=3)  # other batches than training's
     assert cached_rows.column_names == ["caption", VISION_FEATURES_COLUMN]

@@ -1,35 +1,35 @@
 #!/usr/bin/env python
-"""The offline demo (`make demo`): synthetic captioned shapes -> a tiny base captioner -> LoRA on the frozen base with
-train_hf.py -> held-out metrics and captions, and a Hub-ready model folder.
+"""The offline demo (`make demo`): a captioner that learns English first, then French with LoRA, on synthetic shapes.
 
-Pretrained CLIP / Flan-T5 weights cannot be downloaded here, so stage 1 trains tiny base backbones itself (cached
-between runs). Stage 2 is the real LoraCaptioner recipe: vision tower frozen, decoder base weights frozen, LoRA
-adapters + bridge trained by train_hf.py on the training split. The test split holds only colour x shape combinations
-that never occur in training.
+Pretrained CLIP and Flan-T5 cannot be downloaded here, so the demo makes its own stand-in for them, and then runs
+LoraCaptioner's recipe on it, every step with `train_hf.py`:
 
-Why the base is built the way it is: a tower trained from scratch on the coloured training images learns colour-specific
-shape detectors (it has never seen a red circle, so it has no "red circle" detector), and a decoder that has read
-"red" never predicts "circle" after it. Both made held-out exact match 0%. So the base is made compositional:
+1. data: 64x64 images of one coloured shape, each with an English and a French caption (demo/synthetic_shapes.py);
+   train, validation and test splits are different renders from different random streams;
+2. base: a tiny LoraCaptioner (64 px ViT, 2-layer T5 decoder) built by its own constructor, i.e. every weight set by
+   the models' own `_init_weights`, and trained fully (vision tower included, `--lora_r 0 --freeze_vision false`)
+   on the English captions. It never sees a French word. Cached in `outputs/demo/base`;
+3. adaptation to French, three ways, each from the same base with the vision tower frozen:
+   * bridge only: the bridge learns, the decoder stays as it is (LoRA adapters at scale 0, `--lora_alpha 0`,
+     receive no gradient and change nothing);
+   * LoRA: the original's configuration (r=8, alpha=16, dropout 0.1, its seven decoder modules) + the bridge,
+     exactly `configs/demo.yaml`;
+   * full decoder fine-tuning (`--lora_r 0`): bridge, decoder and LM head all learn;
+4. the report: the base with no adapter and the three adapted models on the same held-out test images, with
+   exact match, CIDEr-D, BLEU-4, ROUGE-L, trainable parameters and wall time; printed, written to
+   `outputs/demo/report.md`, and drawn with the learning curves and captioned test images in `outputs/demo/report.png`.
 
-* the vision tower is colour-blind: every patch filter sees R+G+B only (equal weights per channel, kept equal because
-  stage 1 trains it on achromatic shapes, where the gradients of the three channels are identical). Its shape, size
-  and position features are therefore the same for every colour;
-* colour reaches the decoder through a few residual dimensions that carry each patch's mean chroma (opponent
-  filters) past the transformer layers, which neither read nor write them;
-* stage 1 captions read "a small image circle on the left": the word "image" holds the colour's place. Afterwards every
-  colour word gets the slot's input embedding, so the decoder cannot condition the shape on the colour it wrote, and
-  stage 2 (LoRA) only has to learn which colour word to write there.
-
-Stage 1 never sees the test split, nor any coloured image: it trains on achromatic renders of the same generator.
+No weight is set, copied or masked by hand anywhere (tests/test_demo_recipe.py checks this file). Every choice
+(pixel scaling, epochs, learning rates) was made on the validation split (`--tune` repeats those runs); the test
+split is read once, at the very end, by `evaluate_on_test`.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -41,282 +41,268 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
+import evaluation  # noqa: E402
+import report  # noqa: E402
 import synthetic_shapes  # noqa: E402
 
-COLOUR_SLOT = "image"  # stage-1 stand-in for the colour word (a tokenizer word that no demo caption uses)
-BYPASS_DIMS = (0, 1, 2, 3)  # residual dimensions of the vision tower that carry colour past its layers
-# Mean chroma of a patch, in +- pairs so that the per-token LayerNorm shift cancels out: R-G and (R+G)/2-B.
-OPPONENT_FILTERS = ((1.0, -1.0, 0.0), (-1.0, 1.0, 0.0), (1.0, 1.0, -2.0), (-1.0, -1.0, 2.0))
+LORA_CONFIG = REPO / "configs" / "demo.yaml"  # the LoRA stage, as `python train_hf.py configs/demo.yaml` runs it
+DATA = {"num_train": 3000, "num_validation": 300, "num_test": 500, "seed": 0}
+QUICK_DATA = {"num_train": 48, "num_validation": 12, "num_test": 12, "seed": 0}  # --quick: a smoke run for the tests
 
-BASE_RECIPE = {  # tiny backbones: CLIP-style ViT (64 px, patch 8) and a 2-layer T5 decoder
+# The stand-in for pretrained CLIP + Flan-T5, before training. Pixels are scaled to [-0.25, 0.25] (mean 0.5, std 2)
+# instead of CLIP's ~[-1.8, 2.1]: CLIP initialises its position embeddings at std 0.02, and with full-scale pixels
+# the bright background drowns them, so where a shape is took the base more than 8 epochs to learn (validation, see
+# --tune base).
+BASE_MODEL = {
     "vision": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, image_size=64,
                    patch_size=8, projection_dim=64),
-    "text": dict(d_model=96, d_ff=192, d_kv=24, num_heads=4, num_layers=1, num_decoder_layers=2,
+    "text": dict(d_model=96, d_ff=192, d_kv=24, num_heads=4, num_layers=2, num_decoder_layers=2,
                  feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0, dropout_rate=0.0),
-    "captioner": dict(use_clip_projection=False),  # the bridge reads the tower's tokens, colour dimensions included
-    "pixels": dict(image_mean=[0.5] * 3, image_std=[0.5] * 3),  # same for every channel: grey stays channel-equal
-    "colour_bypass": dict(input_scale=0.2, gain=1.0, output_scale=3.0),
-    "colour_word_spread": 0.3,  # how far apart the colour words' output rows start (see finish_base)
-    "position_init": 0.5,  # 2-D sin-cos position embeddings (x this): where a shape is, is readable from the start
-    "achromatic_images": dict(count=2000, seed=1, grey_levels=(40, 170), small_share=2),  # 2/3 small: the hard ones
-    "pretrain": ["--num_train_epochs", "8", "--learning_rate", "2e-3", "--per_device_train_batch_size", "32",
-                 "--warmup_steps", "20", "--lr_scheduler_type", "cosine"],
+    "pixels": dict(image_mean=[0.5] * 3, image_std=[2.0] * 3),
+    "seed": 0,
 }
-LORA_STAGE = ["--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05", "--num_train_epochs", "8",
-              "--learning_rate", "3e-3", "--per_device_train_batch_size", "32", "--warmup_steps", "10",
-              "--lr_scheduler_type", "cosine", "--per_device_eval_batch_size", "100"]
-COMMON = ["--report_to", "none", "--use_cpu", "--seed", "0", "--logging_steps", "50", "--dataloader_num_workers", "1",
-          "--disable_tqdm", "true"]
+# Stage 1, the base's training: everything learns, English captions.
+BASE_TRAINING = {
+    "caption_column": "caption_en", "lora_r": 0, "freeze_vision": False,
+    "do_train": True, "do_eval": True, "eval_strategy": "epoch", "save_strategy": "no",
+    "num_train_epochs": 12, "learning_rate": 2e-3, "per_device_train_batch_size": 32, "warmup_steps": 20,
+    "lr_scheduler_type": "cosine", "dataloader_num_workers": 1,
+}
+# Stage 2: the LoRA row is configs/demo.yaml; the other two rows change only what makes them what they are, and
+# each has its own learning rate, the best of 1e-3, 3e-3 and 1e-2 on validation (--tune adapt).
+ROW_CHANGES = {
+    "bridge": {"lora_alpha": 0, "learning_rate": 1e-2},
+    "lora": {},
+    "full": {"lora_r": 0, "learning_rate": 3e-3},
+}
+RUN_SETTINGS = {"report_to": "none", "use_cpu": True, "seed": 0, "dataloader_num_workers": 0, "disable_tqdm": True,
+                "per_device_eval_batch_size": 100, "logging_steps": 20, "log_level": "info"}
+TRAINABLE_LOG = "trainable parameters: "
+# One compute thread per train_hf.py run. Measured on the 2-core machine while others used it too: a training step of
+# the base took 76-133 ms with one thread and 437-2906 ms with two (the second thread waits at OpenMP barriers
+# whenever the other core is busy). The base, trained alone, gives the second core to a data-loading worker instead;
+# the adaptation runs share the two cores, two at a time.
+THREADS = 1
 
 
-def run(args: list[str], log_file: Path) -> None:
-    command = [sys.executable, str(REPO / "train_hf.py"), *args, *COMMON]
-    print("$ python train_hf.py " + " ".join(args), flush=True)
-    # One compute thread (the data loader worker has the other core): with two OpenMP threads, any other load on the
-    # machine stalls every tiny op at the thread barrier (measured: steps over 10x slower).
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    with open(log_file, "w") as log:
-        completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    if completed.returncode:
-        sys.exit(f"train_hf.py failed (exit {completed.returncode}); see {log_file}")
+def read_lora_config(out: Path) -> dict:
+    """configs/demo.yaml, with its outputs/demo/... paths moved under `out` when the demo writes elsewhere."""
+    import yaml
+
+    config = yaml.safe_load(LORA_CONFIG.read_text())
+    default_out = REPO / "outputs" / "demo"
+    for key in ("model_name_or_path", "train_dir", "validation_dir", "output_dir"):
+        config[key] = str(out / (REPO / config[key]).relative_to(default_out))
+    return config
 
 
-def write_achromatic_split(root: Path, count: int, seed: int, grey_levels: tuple[int, int],
-                           small_share: int = 1) -> None:
-    """Grey shapes on the generator's grey background, captioned with COLOUR_SLOT in the colour's place (cached);
-    small shapes are drawn `small_share` times as often as large ones.
-
-    Same shapes, sizes, positions, jitter and background as synthetic_shapes.render, but the fill is a random grey
-    level and the background noise is the same in all three channels, so no image has any colour at all.
-    """
-    import numpy as np
-    from PIL import Image
-
-    params = {"generator_version": synthetic_shapes.GENERATOR_VERSION, "count": count, "seed": seed,
-              "grey_levels": list(grey_levels), "slot": COLOUR_SLOT, "small_share": small_share}
-    done = root / synthetic_shapes.DONE_FILE
-    if done.is_file() and json.loads(done.read_text()) == params:
-        return
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    size_px = synthetic_shapes.IMAGE_SIZE
-    sizes = ["small"] * small_share + [size for size in synthetic_shapes.SIZE_RADII if size != "small"]
-    combinations = [(shape, size, position) for shape in synthetic_shapes.SHAPES
-                    for size in sizes for position in synthetic_shapes.POSITION_CENTRES]
-    records = []
-    for index, (shape, size, position) in enumerate(synthetic_shapes.balanced_draws(combinations, count, rng)):
-        low, high = synthetic_shapes.BACKGROUND_SHADES
-        noise = synthetic_shapes.BACKGROUND_NOISE
-        background = rng.integers(low, high + 1) + rng.integers(-noise, noise + 1, size=(size_px, size_px, 1))
-        radius = float(rng.uniform(*synthetic_shapes.SIZE_RADII[size]))
-        fraction_x, fraction_y = synthetic_shapes.POSITION_CENTRES[position]
-        jitter = synthetic_shapes.POSITION_JITTER
-        jitter_x, jitter_y = rng.integers(-jitter, jitter + 1, size=2)
-        lowest, highest = radius + synthetic_shapes.EDGE_MARGIN, size_px - radius - synthetic_shapes.EDGE_MARGIN
-        centre_x = float(np.clip(fraction_x * size_px + jitter_x, lowest, highest))
-        centre_y = float(np.clip(fraction_y * size_px + jitter_y, lowest, highest))
-        grey = float(rng.uniform(*grey_levels))
-        coverage = synthetic_shapes._shape_mask(shape, centre_x, centre_y, radius)[..., None]
-        pixels = np.repeat(background * (1.0 - coverage) + grey * coverage, 3, axis=-1)
-        file_name = f"{index:05d}.png"
-        Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB").save(root / file_name)
-        caption = synthetic_shapes.describe(shape, "red", size, position).split()
-        caption[2] = COLOUR_SLOT
-        records.append({"file_name": file_name, "caption": " ".join(caption)})
-    with open(root / synthetic_shapes.METADATA_FILE, "w", encoding="utf-8") as metadata:
-        metadata.writelines(json.dumps(record) + "\n" for record in records)
-    done.write_text(json.dumps(params) + "\n")
+def command_line(arguments: dict) -> list[str]:
+    """train_hf.py's command line for a dict of its arguments."""
+    words = []
+    for name, value in arguments.items():
+        values = value if isinstance(value, list) else [value]
+        words += [f"--{name}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return words
 
 
-def vision_transformer(model):
-    tower = model.encoder.vision_tower
-    return getattr(tower, "vision_model", tower)  # older transformers wrap the transformer once more
+def shell_command(arguments: dict) -> str:
+    return f"OMP_NUM_THREADS={THREADS} python train_hf.py {shlex.join(command_line(arguments))}"
 
 
-def isolate_colour_bypass(model, input_scale: float) -> None:
-    """BYPASS_DIMS: opponent (mean chroma) patch filters, no position/CLS part, and no transformer layer reads them
-    (LayerNorm weight/bias and reading columns zero) or writes them (writing rows zero)."""
-    import torch
-
-    vit = vision_transformer(model)
-    dims = list(BYPASS_DIMS)
-    with torch.no_grad():
-        weight = vit.embeddings.patch_embedding.weight  # (hidden, 3, patch, patch)
-        for dim, filter_ in zip(dims, OPPONENT_FILTERS):
-            chroma = torch.tensor(filter_, dtype=weight.dtype)[:, None, None]
-            weight[dim] = chroma.expand_as(weight[dim]) * input_scale / weight[dim, 0].numel()
-        vit.embeddings.position_embedding.weight[:, dims] = 0
-        vit.embeddings.class_embedding[dims] = 0
-        for layer in vit.encoder.layers:
-            for norm in (layer.layer_norm1, layer.layer_norm2):
-                norm.weight[dims] = 0
-                norm.bias[dims] = 0
-            for reader in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.fc1):
-                reader.weight[:, dims] = 0
-            for writer in (layer.self_attn.out_proj, layer.mlp.fc2):
-                writer.weight[dims] = 0
-                writer.bias[dims] = 0
+def start_train_hf(arguments: dict, log_file: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "HF_HUB_OFFLINE": "1"}
+    log = open(log_file, "w")
+    return subprocess.Popen([sys.executable, "train_hf.py", *command_line(arguments)], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=REPO, env=env)
 
 
-def build_base_init(folder: Path) -> None:
-    """A randomly initialised tiny LoraCaptioner + processor with the demo's tokenizer: colour-blind patch filters,
-    sin-cos position embeddings, and the colour bypass closed (opened by `finish_base` after stage 1)."""
+def run_train_hf(jobs: dict[str, tuple[dict, Path]], parallel: int) -> dict[str, float]:
+    """Run train_hf.py once per job, `parallel` at a time; returns each job's wall time in seconds."""
+    pending, running, wall = list(jobs.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, (arguments, log_file) = pending.pop(0)
+            print(f"    $ {shell_command(arguments)}", flush=True)
+            running[name] = (start_train_hf(arguments, log_file), time.perf_counter(), log_file)
+        time.sleep(0.2)
+        for name, (process, started, log_file) in list(running.items()):
+            if process.poll() is None:
+                continue
+            if process.returncode:
+                for other, *_ in running.values():
+                    other.terminate()
+                sys.exit(f"train_hf.py failed (exit {process.returncode}); see {log_file}")
+            wall[name] = time.perf_counter() - started
+            del running[name]
+            print(f"    {name}: {wall[name]:.0f} s", flush=True)
+    return wall
+
+
+def trainable_parameters(log_file: Path) -> int:
+    """The count train_hf.py logs ("trainable parameters: 35,808 of 556,000 (6.44%)")."""
+    line = next(line for line in log_file.read_text().splitlines() if TRAINABLE_LOG in line)
+    return int(line.split(TRAINABLE_LOG)[1].split(" of ")[0].replace(",", ""))
+
+
+def build_base_init(folder: Path, pixels: dict = BASE_MODEL["pixels"]) -> None:
+    """The untrained base: `LoraCaptionerForConditionalGeneration(config)` under a fixed seed (each weight drawn by
+    CLIP's, T5's or LoraCaptioner's own `_init_weights`), with CLIP's image processor and the demo's tokenizer."""
     import torch
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, T5Config
 
     from loracaptioner import LoraCaptionerConfig, LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
 
-    torch.manual_seed(0)
     tokenizer = synthetic_shapes.build_tokenizer()
-    vision = BASE_RECIPE["vision"]
     config = LoraCaptionerConfig(
-        vision_config=CLIPVisionConfig(**vision),
-        text_config=T5Config(vocab_size=len(tokenizer), **BASE_RECIPE["text"]),
+        vision_config=CLIPVisionConfig(**BASE_MODEL["vision"]),
+        text_config=T5Config(vocab_size=len(tokenizer), **BASE_MODEL["text"]),
         freeze_vision=False,
-        **BASE_RECIPE["captioner"],
     )
-    model = LoraCaptionerForConditionalGeneration(config)
-    vit = vision_transformer(model)
-    with torch.no_grad():
-        weight = vit.embeddings.patch_embedding.weight
-        weight.copy_(weight.mean(dim=1, keepdim=True).expand_as(weight))  # colour-blind: R, G, B weighted alike
-        side = vision["image_size"] // vision["patch_size"]
-        vit.embeddings.position_embedding.weight[1:] = sincos_positions(side, vision["hidden_size"]) * BASE_RECIPE[
-            "position_init"]
-        vit.embeddings.position_embedding.weight[0] = 0
-    isolate_colour_bypass(model, BASE_RECIPE["colour_bypass"]["input_scale"])
-    with torch.no_grad():
-        dims = list(BYPASS_DIMS)
-        for norm in (vit.pre_layrnorm, vit.post_layernorm):  # closed while stage 1 learns shapes
-            norm.weight[dims] = 0
-            norm.bias[dims] = 0
-    model.save_pretrained(folder)
-    size = vision["image_size"]
+    torch.manual_seed(BASE_MODEL["seed"])
+    LoraCaptionerForConditionalGeneration(config).save_pretrained(folder)
+    size = BASE_MODEL["vision"]["image_size"]
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                            **BASE_RECIPE["pixels"])
+                                            **pixels)
     LoraCaptionerProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
 
 
-def sincos_positions(side: int, dim: int):
-    """2-D sine-cosine position embeddings of a side x side patch grid: a quarter of the channels each for sin/cos of
-    y and of x, wavelengths from one grid side down."""
-    import torch
-
-    quarter = dim // 4
-    frequencies = 1.0 / (10000 ** (torch.arange(quarter) / quarter))
-    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
-                            indexing="ij")
-
-    def encode(values):
-        angles = values.flatten()[:, None] * frequencies[None] * (2 * math.pi / side)
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    table = torch.cat([encode(ys), encode(xs)], dim=1)
-    return torch.nn.functional.pad(table, (0, dim - table.shape[1]))
+def base_arguments(out: Path, extra: dict) -> dict:
+    return {"model_name_or_path": str(out / "base-init"), "train_dir": str(out / "data" / "train"),
+            "validation_dir": str(out / "data" / "validation"), "output_dir": str(out / "base"),
+            **RUN_SETTINGS, **BASE_TRAINING, **extra}
 
 
-def finish_base(stage1: Path, base: Path) -> None:
-    """After stage 1: open the colour bypass, and let every colour word take the colour slot's place.
+def train_base(out: Path, extra: dict) -> dict:
+    """Stage 1 (cached): returns what was recorded when the base was trained."""
+    arguments = base_arguments(out, extra)
+    recipe = {"model": BASE_MODEL, "arguments": arguments, "data": json.loads((out / "data" / "DONE").read_text()),
+              "generator_version": synthetic_shapes.GENERATOR_VERSION}
+    record_file = out / "base" / "demo_base.json"
+    if record_file.is_file() and json.loads(record_file.read_text())["recipe"] == recipe:
+        record = json.loads(record_file.read_text())
+        print(f"2/4 base: cached in {out / 'base'} (trained in {record['wall_seconds']:.0f} s)")
+        return record
+    print("2/4 base: a tiny LoraCaptioner from its own random initialisation, trained fully on English captions:",
+          flush=True)
+    for folder in ("base-init", "base"):
+        shutil.rmtree(out / folder, ignore_errors=True)
+    build_base_init(out / "base-init")
+    wall = run_train_hf({"base": (arguments, out / "base.log")}, parallel=1)["base"]
+    record = {"recipe": recipe, "wall_seconds": wall, "trainable": trainable_parameters(out / "base.log"),
+              "command": shell_command(arguments)}
+    record_file.write_text(json.dumps(record, indent=1) + "\n")
+    return record
 
-    Input embeddings: each colour word = the slot's, so nothing after the colour can depend on which colour it was.
-    Output rows (lm_head): each colour word = the slot's row plus a small distinct part, so a colour is what the
-    decoder already writes there and LoRA only learns to tell them apart; the slot itself is never written again.
-    """
-    import torch
 
-    from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
+def stage2_arguments(out: Path, extra: dict) -> dict[str, dict]:
+    lora = {**read_lora_config(out), **extra}
+    return {row: {**lora, **changes, "output_dir": str(out / row)} for row, changes in ROW_CHANGES.items()}
 
-    model = LoraCaptionerForConditionalGeneration.from_pretrained(stage1)
-    processor = LoraCaptionerProcessor.from_pretrained(stage1)
-    bypass = BASE_RECIPE["colour_bypass"]
-    isolate_colour_bypass(model, bypass["input_scale"])  # undo what stage 1 let drift through LayerNorm statistics
-    vit = vision_transformer(model)
-    tokenizer = processor.tokenizer
-    slot = tokenizer.convert_tokens_to_ids("▁" + COLOUR_SLOT)
-    colours = [tokenizer.convert_tokens_to_ids("▁" + colour) for colour in synthetic_shapes.COLOURS]
-    with torch.no_grad():
-        dims = list(BYPASS_DIMS)
-        vit.pre_layrnorm.weight[dims] = bypass["gain"]
-        vit.pre_layrnorm.bias[dims] = 0
-        vit.post_layernorm.weight[dims] = bypass["output_scale"]
-        vit.post_layernorm.bias[dims] = 0
-        embeddings, lm_head = model.decoder.embed_tokens.weight, model.lm_head.weight
-        embeddings[colours] = embeddings[slot].clone()
-        distinct = lm_head[colours] / lm_head[colours].norm(dim=1, keepdim=True) * lm_head[slot].norm()
-        lm_head[colours] = lm_head[slot].clone() + BASE_RECIPE["colour_word_spread"] * distinct
-        lm_head[slot] = 0
-    model.save_pretrained(base)
-    processor.save_pretrained(base)
-    for name in ("README.md", "run_summary.json", "all_results.json", "train_results.json", "trainer_state.json"):
-        if (stage1 / name).exists():
-            shutil.copy(stage1 / name, base / name)
+
+def evaluate_on_test(out: Path) -> dict:
+    """The only place the test split is read: every row's captions of the test images and their scores."""
+    test_dir = out / "data" / "test"
+    rows = evaluation.read_split(test_dir)
+    french = [row["caption_fr"] for row in rows]
+    results = {}
+    for row in report.ROWS:
+        captions, degenerate = evaluation.caption_split(out / row, test_dir, evaluation.GREEDY)
+        results[row] = {"captions": captions, **evaluation.caption_metrics(captions, french),
+                        "degenerate": sum(degenerate) / len(degenerate)}
+    results["base_english"] = evaluation.caption_metrics(results["base"]["captions"],
+                                                         [row["caption_en"] for row in rows])
+    return {"rows": rows, "results": results}
+
+
+# --tune: the validation runs behind the choices above (they never read the test split).
+BASE_GRID = {  # name: (pixel scaling, changed training arguments)
+    "CLIP's mean and std": ({}, {}),
+    "mean 0.5, std 1": ({"image_mean": [0.5] * 3, "image_std": [1.0] * 3}, {}),
+    "mean 0.5, std 2": (BASE_MODEL["pixels"], {}),
+    "mean 0.5, std 4": ({"image_mean": [0.5] * 3, "image_std": [4.0] * 3}, {}),
+    "mean 0.5, std 2, 8 epochs": (BASE_MODEL["pixels"], {"num_train_epochs": 8}),
+}
+ADAPT_GRID = {f"{row}, lr {lr:g}": (row, {"learning_rate": lr}) for row in ROW_CHANGES for lr in (1e-3, 3e-3, 1e-2)}
+ADAPT_GRID.update({f"lora, lr 0.003, {epochs} epochs": ("lora", {"num_train_epochs": epochs}) for epochs in (3, 8)})
+
+
+def tune(out: Path, stage: str, extra: dict) -> None:
+    """Run one stage's grid on the validation split, two runs at a time, and write out/tune/<stage>.md."""
+    folder = out / "tune" / stage
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    jobs = {}
+    for index, (name, (first, changes)) in enumerate((BASE_GRID if stage == "base" else ADAPT_GRID).items()):
+        run = folder / str(index)
+        if stage == "base":
+            build_base_init(run / "init", pixels=first)
+            arguments = {**base_arguments(out, extra), "model_name_or_path": str(run / "init")}
+        else:
+            arguments = stage2_arguments(out, extra)[first]
+        jobs[name] = ({**arguments, **changes, "output_dir": str(run / "model")}, folder / f"{index}.log")
+    wall = run_train_hf(jobs, parallel=2)
+    lines = [f"# Validation runs for the {stage} stage", "",
+             "| run | validation exact match after each epoch | last | wall time |", "|---|---|---:|---:|"]
+    for index, name in enumerate(jobs):
+        curve = report.validation_curve(folder / str(index) / "model")
+        lines.append(f"| {name} | {' '.join(f'{value:.3f}' for _, value in curve)} | {curve[-1][1]:.3f} | "
+                     f"{wall[name]:.0f} s |")
+    lines += ["", f"{os.cpu_count()} CPU cores, two runs at a time; load average at the end "
+              f"{os.getloadavg()[0]:.1f}."]
+    (out / "tune" / f"{stage}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default=str(REPO / "outputs" / "demo"))
-    parser.add_argument("--num_train", type=int, default=2000)
-    parser.add_argument("--num_test", type=int, default=200)
+    parser.add_argument("--output_dir", type=Path, default=REPO / "outputs" / "demo")
+    parser.add_argument("--quick", action="store_true", help="tiny data and 3 steps per stage: a smoke run (tests)")
+    parser.add_argument("--tune", choices=("base", "adapt"),
+                        help="instead of the demo, the validation runs behind the choices of one stage")
     args = parser.parse_args()
     started = time.perf_counter()
-    out = Path(args.output_dir)
+    out = args.output_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    extra = {"max_steps": 3} if args.quick else {}
 
-    print("1/4 synthetic data (cached):", flush=True)
-    synthetic_shapes.make_splits(out / "data", num_train=args.num_train, num_validation=100, num_test=args.num_test,
-                                 seed=0)
-    data = out / "data"
-    print(f"    train {data / 'train'}, held-out test {data / 'test'} "
-          f"(colour x shape pairs never seen in training: {synthetic_shapes.held_out_pairs()})")
+    print("1/4 data (cached): 64x64 shapes, English and French captions; train / validation / test are separate "
+          "renders", flush=True)
+    synthetic_shapes.make_splits(out / "data", **(QUICK_DATA if args.quick else DATA))
 
-    recipe_key = hashlib.sha256(json.dumps([BASE_RECIPE, BYPASS_DIMS, OPPONENT_FILTERS, COLOUR_SLOT,
-                                            synthetic_shapes.GENERATOR_VERSION], default=str).encode()).hexdigest()[:12]
-    base = out / f"base-{recipe_key}"
-    if not (base / "model.safetensors").exists():
-        print("2/4 tiny base captioner: colour-blind vision tower + decoder, trained fully on achromatic shapes "
-              "(cached afterwards):", flush=True)
-        achromatic = out / "achromatic"  # not under data/, which datasets would read as one dataset
-        write_achromatic_split(achromatic, **BASE_RECIPE["achromatic_images"])
-        build_base_init(out / "base-init")
-        stage1 = out / f"base-{recipe_key}-stage1"
-        run(["--model_name_or_path", str(out / "base-init"), "--train_dir", str(achromatic),
-             "--lora_r", "0", "--freeze_vision", "false", "--do_train", "--save_strategy", "no",
-             "--output_dir", str(stage1), *BASE_RECIPE["pretrain"]], out / "base.log")
-        finish_base(stage1, base)
-        shutil.rmtree(stage1)
-    else:
-        print(f"2/4 tiny base captioner: cached at {base}")
+    if args.tune == "base":
+        return tune(out, "base", extra)
+    base = train_base(out, extra)
+    if args.tune == "adapt":
+        return tune(out, "adapt", extra)
 
-    print("3/4 LoRA on the frozen base (vision tower and decoder weights frozen; LoRA + bridge trained):", flush=True)
-    model_dir = out / "model"
-    shutil.rmtree(model_dir, ignore_errors=True)  # start afresh (train_hf.py would resume from a checkpoint there)
-    run(["--model_name_or_path", str(base), "--train_dir", str(data / "train"), "--validation_dir", str(data / "test"),
-         "--do_train", "--do_eval", "--eval_strategy", "no", "--save_strategy", "no",
-         "--output_dir", str(model_dir), *LORA_STAGE], out / "lora.log")
+    print("3/4 adaptation to French (vision tower frozen), two runs at a time:", flush=True)
+    stage2 = stage2_arguments(out, extra)
+    for row in stage2:
+        shutil.rmtree(out / row, ignore_errors=True)  # train_hf.py would resume from a checkpoint left there
+    wall = run_train_hf({row: (arguments, out / f"{row}.log") for row, arguments in stage2.items()}, parallel=2)
+    (out / "commands.sh").write_text(
+        "# The train_hf.py runs of this demo, in order. base-init is LoraCaptionerForConditionalGeneration(config)\n"
+        "# under torch.manual_seed(0) (demo/run_demo.py, build_base_init).\n" + base["command"] + "\n"
+        + "".join(shell_command(arguments) + "\n" for arguments in stage2.values()))
 
-    print("4/4 held-out evaluation (unseen colour x shape combinations):")
-    summary = json.loads((model_dir / "run_summary.json").read_text())
-    for name, value in sorted(summary["eval"].items()):
-        print(f"    {name:24s} {value}")
-    show_captions(model_dir, data / "test")
-    print(f"\nModel folder (Hub-ready, loads with trust_remote_code=True): {model_dir}")
-    print(f"Demo finished in {time.perf_counter() - started:.0f} s.")
+    print("4/4 held-out test images (read now, once; every choice above was made on validation):", flush=True)
+    test = evaluate_on_test(out)
+
+    trainable = {row: trainable_parameters(out / f"{row}.log") for row in stage2}
+    trainable["bridge"] = bridge_parameters(out / "bridge")  # its LoRA matrices are at scale 0: they never change
+    trainable["base"] = base["trainable"]
+    wall["base"] = base["wall_seconds"]
+    summary = report.write(out, test, trainable, wall, load=os.getloadavg())
+    print(summary)
+    print(f"Report: {out / 'report.md'}, {out / 'report.png'}; models: {', '.join(str(out / r) for r in report.ROWS)}")
+    print(f"Demo finished in {time.perf_counter() - started:.0f} s (load average {os.getloadavg()[0]:.1f}).")
 
 
-def show_captions(model_dir: Path, test_dir: Path, count: int = 8) -> None:
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def bridge_parameters(model_dir: Path) -> int:
+    from loracaptioner import LoraCaptionerForConditionalGeneration
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    rows = [json.loads(line) for line in (test_dir / "metadata.jsonl").read_text().splitlines()[:count]]
-    images = [Image.open(test_dir / row["file_name"]) for row in rows]
-    captions = processor.batch_decode(model.generate(**processor(images=images)), skip_special_tokens=True)
-    print("\n    held-out image           reference                          model")
-    for row, caption in zip(rows, captions):
-        mark = "ok" if caption == row["caption"] else "--"
-        print(f"    {row['file_name']:24s} {row['caption']:34s} {caption}  [{mark}]")
+    model = LoraCaptionerForConditionalGeneration.from_pretrained(model_dir)
+    return sum(parameter.numel() for parameter in model.get_encoder().bridge.parameters())
 
 
 if __name__ == "__main__":

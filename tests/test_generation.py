@@ -1,5 +1,6 @@
 """generate(): greedy, beam search, sampling, prompts, batching, and the anti-degeneration defaults."""
 
+import pytest
 import torch
 
 from loracaptioner.modeling_loracaptioner import CAPTION_GENERATION_DEFAULTS
@@ -68,28 +69,64 @@ def test_batched_prompts_of_different_lengths_equal_one_by_one(model, processor,
         assert processor.decode(single[0], skip_special_tokens=True) == caption
 
 
-def make_repetitive(model, word_id: int) -> None:
-    """Whatever the image, the best next word is always `word_id` and the second best is end-of-sequence:
-    the original's failure ("tropical" x19 until the length limit) in its purest form."""
+def make_repetitive(model, ranking: list[int]) -> None:
+    """Whatever the image and the words so far, rank the next token the same way: `ranking[0]` first, then
+    `ranking[1]`, ... (an output layer whose bias alone decides, everything else far behind). The original's failure
+    ("tropical" x19 until the length limit) in its simplest form; where </s> sits in the ranking decides what a
+    repetition processor can do about it."""
     head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
     with torch.no_grad():
         head.weight.zero_()
         head.bias.fill_(-10.0)
-        head.bias[word_id] = 2.0
-        head.bias[model.config.eos_token_id] = 1.0
+        for rank, token in enumerate(ranking):
+            head.bias[token] = 5.0 - rank
     model.set_output_embeddings(head)
 
 
-def test_plain_greedy_repeats_on_a_degenerate_model_and_the_defaults_do_not(model, processor, images):
-    word = processor.tokenizer.convert_tokens_to_ids("▁red")
-    make_repetitive(model, word)
-    inputs = processor(images=images[:2])
-    plain = model.generate(**inputs, max_new_tokens=20, no_repeat_ngram_size=0)
-    assert (plain[:, 1:] == word).all(), "plain greedy should repeat the word until the length limit"
-    captions = processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)
-    # With the saved defaults no 3-gram comes twice: "red red red" and then the caption ends.
-    n = CAPTION_GENERATION_DEFAULTS["no_repeat_ngram_size"]
-    assert captions == [" ".join(["red"] * n)] * 2
+def ids(processor, words: str) -> list[int]:
+    return processor.tokenizer.convert_tokens_to_ids(["▁" + word for word in words.split()])
+
+
+def test_plain_greedy_repeats_the_favourite_word_until_the_length_limit(model, processor, images):
+    red, tree = ids(processor, "red tree")
+    make_repetitive(model, [red, tree, model.config.eos_token_id])
+    plain = model.generate(**processor(images=images[:2]), max_new_tokens=20, no_repeat_ngram_size=0)
+    assert plain.shape[1] == 1 + 20 and (plain[:, 1:] == red).all()
+
+
+@pytest.mark.parametrize(
+    ("runners_up", "caption"),
+    [
+        ("", "red red red"),
+        ("tree", "red red red tree red red"),
+        ("tree dog", "red red red tree red red dog red red"),
+    ],
+)
+def test_no_repeat_ngram_3_ends_the_caption_only_when_eos_is_the_best_token_left(
+    model, processor, images, runners_up, caption
+):
+    """no_repeat_ngram_size=3 bans a token only where it would complete a 3-gram already written: "red red red" is
+    allowed once, then the runners-up take turns with "red" until every continuation of "red red" has been used and
+    </s> is the best token left. It stops the repetition only when </s> is the runner-up; otherwise it reshuffles it."""
+    make_repetitive(model, [*ids(processor, "red " + runners_up), model.config.eos_token_id])
+    out = model.generate(**processor(images=images[:2]), max_new_tokens=32, no_repeat_ngram_size=3)
+    assert processor.batch_decode(out, skip_special_tokens=True) == [caption] * 2
+
+
+def test_repetition_penalty_does_not_stop_a_word_with_a_clear_lead(model, processor, images):
+    red, tree = ids(processor, "red tree")
+    make_repetitive(model, [red, tree, model.config.eos_token_id])  # logits 5, 4, 3: 5 / 1.2 is still first
+    out = model.generate(**processor(images=images[:2]), max_new_tokens=20, no_repeat_ngram_size=0,
+                         repetition_penalty=1.2)
+    assert (out[:, 1:] == red).all()
+
+
+def test_the_saved_defaults_on_a_degenerate_model_whose_runner_up_is_not_eos(model, processor, images):
+    """What a user gets from `generate()` with no arguments, on a model that repeats with </s> third."""
+    make_repetitive(model, [*ids(processor, "red tree"), model.config.eos_token_id])
+    assert CAPTION_GENERATION_DEFAULTS == {"max_new_tokens": 32, "no_repeat_ngram_size": 3}
+    captions = processor.batch_decode(model.generate(**processor(images=images[:2])), skip_special_tokens=True)
+    assert captions == ["red red red tree red red"] * 2  # still degenerate: the defaults reshuffle the repetition
 
 
 def test_generation_defaults_are_saved(model, tmp_path):

@@ -37,17 +37,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from . import records as records_io
-from .cli import UsageError
+from .captioning import UsageError, generate_captions, generation_kwargs, processor_inputs, stopped
 from .sources import FileListShard, Shard, ShardError, dataset_shards, estimate_counts, find_shards, is_shard_spec
 
 
 # --------------------------------------------------------------------------------------------- command line
 def uses_shards(args: argparse.Namespace) -> bool:
-    """Whether `caption` runs over shards: a dataset, tar or parquet inputs, or a launch with several processes."""
+    """Whether `caption` runs over shards: a dataset, tar or parquet inputs, a parquet or datasets output, a push to
+    the Hub, or a launch with several processes."""
     from .sources import expand_braces
 
     sharded = any(is_shard_spec(pattern) for spec in args.inputs for pattern in expand_braces(spec))
-    return bool(args.dataset) or sharded or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    output_format = args.format or (records_io.output_format_of(args.output, None) if args.output else "jsonl")
+    return (bool(args.dataset) or sharded or output_format in ("parquet", "datasets") or bool(args.push_to_hub)
+            or int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
 
 def caption_command(args: argparse.Namespace) -> int:
@@ -55,7 +58,7 @@ def caption_command(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from . import data  # noqa: F401 - the image decoders, imported once here rather than in every DataLoader worker
-    from .cli import generation_kwargs, load_model, pick_dtype
+    from .loading import load_model, pick_dtype
 
     if args.output is None:
         raise UsageError("--output is needed for datasets, tar or parquet inputs and with several processes: its "
@@ -94,7 +97,8 @@ def caption_command(args: argparse.Namespace) -> int:
                   "prompt": args.prompt, "generation": generation, "batch_size": args.batch_size, "seed": args.seed},
     )
     try:
-        return caption_shards(shards, job, lambda: load_model(args, device, pick_dtype(args.dtype, device)), state)
+        return caption_shards(shards, job, lambda: load_model(args.model, args.revision, args.adapter, device,
+                                                              pick_dtype(args.dtype, device)), state)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -166,7 +170,12 @@ class ShardBatches(IterableDataset):
         yield {"shard": shard.name, "number": number + 1, "records": [], "inputs": None, "last": True}
 
     def batch(self, shard: Shard, number: int, records: list[dict], images: list) -> dict:
-        inputs = dict(self.processor(images=images, text=self.prompt, return_tensors="pt")) if images else None
+        inputs, errors = processor_inputs(self.processor, images, self.prompt) if images else (None, [])
+        decoded = iter(errors)  # one per record without an error, in order
+        for record in records:
+            if "error" not in record and (error := next(decoded)) is not None:
+                name = record.get("path") or f"{record['shard']}:{record['key']}"
+                record["error"] = f"{name}: {error}"
         return {"shard": shard.name, "number": number, "records": records, "inputs": inputs, "last": False}
 
 
@@ -240,9 +249,7 @@ def caption_shards(shards: list[Shard], job: CaptionJob, load_model: Callable[[]
         if isinstance(error, ShardError):
             raise UsageError(f"{_last_line(error)}. Finished shards are kept in {parts.folder}: fix or leave out that "
                              "shard and rerun the same command") from None
-        print(f"loracaptioner: stopped by {type(error).__name__}; finished shards are kept in {parts.folder}, and "
-              "rerunning the same command captions only the rest", file=sys.stderr)
-        raise
+        raise stopped(error, f"finished shards are kept in {parts.folder}", _last_line(error)) from error
     print_summary(board.read_all(), elapsed, result, finished_before)
     if job.push_to_hub:
         _push(job.output, result.output if job.output_format == "datasets" else None, job.split, job.push_to_hub,
@@ -289,14 +296,6 @@ def _last_line(error: Exception) -> str:
     """The message of an error, without the traceback a DataLoader worker adds to what it raises again."""
     lines = str(error).strip().splitlines() or [""]
     return lines[-1].split(f"{type(error).__name__}: ", 1)[-1]
-
-
-def generate_captions(model, processor, inputs: dict, generation: dict) -> list[str]:
-    inputs = {name: tensor.to(model.device) for name, tensor in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    with torch.inference_mode():
-        caption_ids = model.generate(**inputs, **generation)
-    return [caption.strip() for caption in processor.batch_decode(caption_ids, skip_special_tokens=True)]
 
 
 def _push(output: str, datasets_folder: str | None, split: str, repo_id: str, private: bool) -> None:

@@ -7,7 +7,9 @@ adapter for `google/flan-t5-base`, trained while the bridged CLIP patch tokens w
 target names (`SelfAttention.q`, `DenseReluDense.wo`, ...) matched the T5 *encoder* too; the encoder was bypassed, so
 those adapters never took part in a caption and are dropped (and counted).
 
-    python -m loracaptioner.convert_original --projection projection.pt --adapter adapter_dir --output out [--no-merge]
+    loracaptioner convert-original --projection projection.pt --adapter adapter_dir --output out [--no-merge]
+
+(or `python -m loracaptioner.convert_original` with the same options)
 
 writes the re-keyed adapter (LoRA + bridge, for peft) to `out/adapter` and `out` as a merged, Hub-ready LoraCaptioner
 (weights, code files, processor, generation config, model card, Inference Endpoints handler), or with `--no-merge`
@@ -171,20 +173,23 @@ class _OneLineErrorParser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m loracaptioner.convert_original ...`: the same options as `loracaptioner convert-original ...`."""
+    from .cli import add_convert_arguments
+
     parser = _OneLineErrorParser(prog="python -m loracaptioner.convert_original", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--projection", required=True, help="the original's projection.pt (bridge state dict)")
-    parser.add_argument("--adapter", required=True, help="the original's peft adapter folder (for Flan-T5)")
-    parser.add_argument("--output", required=True, help="folder to write the LoraCaptioner into")
-    parser.add_argument("--vision_model", default=DEFAULT_VISION_MODEL, help="the CLIP checkpoint it used")
-    parser.add_argument("--text_model", default=DEFAULT_TEXT_MODEL, help="the T5 checkpoint its adapter is for")
-    parser.add_argument("--no-merge", dest="merge", action="store_false",
-                        help="keep LoRA apart: base model in --output, adapter in --output/adapter")
+    add_convert_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(name)s: %(message)s", level=logging.INFO)
     try:
-        convert_original(args.projection, args.adapter, args.output, args.vision_model, args.text_model, args.merge)
+        run(args)
     except (ValueError, OSError) as error:
         parser.error(str(error).replace("\n", " "))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert as the command line `args` say; a `ValueError` or `OSError` says which input does not fit."""
+    logging.basicConfig(format="%(name)s: %(message)s", level=logging.INFO)
+    convert_original(args.projection, args.adapter, args.output, args.vision_model, args.text_model, args.merge)
+    return 0
 
 
 if __name__ == "__main__":

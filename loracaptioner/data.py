@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -13,9 +12,9 @@ from pathlib import Path
 
 import datasets
 import torch
-from PIL import Image
 
-from .processing_loracaptioner import LoraCaptionerProcessor, to_rgb_image
+from .images import load_image
+from .processing_loracaptioner import LoraCaptionerProcessor
 
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
 CAPTION_COLUMNS = ("caption", "captions", "text", "txt")
@@ -34,35 +33,6 @@ def detect_column(column_names: list[str], given: str | None, candidates: tuple[
         f"no {what} column found (looked for {list(candidates)}); the dataset has columns {sorted(column_names)}: "
         f"pass --{what}_column"
     )
-
-
-def load_image(value, name: str | None = None) -> Image.Image:
-    """A dataset image cell (undecoded `{"bytes", "path"}`, raw bytes, a path or a PIL image) -> RGB PIL image.
-    Raises `ValueError` naming the image (its path, else `name`) and the problem."""
-    if isinstance(value, dict):
-        name = value.get("path") or name
-        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
-    if isinstance(value, (str, Path)):
-        name = name or str(value)
-    name = name or "image"
-    try:
-        if isinstance(value, (bytes, bytearray)):
-            if not value:
-                raise ValueError("empty file")
-            value = Image.open(io.BytesIO(value))
-        elif isinstance(value, (str, Path)):
-            if not Path(value).is_file():
-                raise ValueError("no such file")
-            if Path(value).stat().st_size == 0:
-                raise ValueError("empty file")
-            value = Image.open(value)
-        if value is None:
-            raise ValueError("no image data")
-        return to_rgb_image(value, str(name))
-    except ValueError as error:
-        raise ValueError(str(error) if str(error).startswith(str(name)) else f"{name}: {error}") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{name}: cannot decode image ({type(error).__name__}: {error})") from None
 
 
 def captions_of(cell) -> list[str]:

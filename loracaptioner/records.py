@@ -9,6 +9,8 @@
   the output's columns: what `merge` joins.
 - `status/`: each process's progress, for rank 0's progress bar and the summary.
 
+The one-process CLI (`captioning.py`) writes its records straight to `--output` instead, with `RecordWriter`.
+
 `merge` writes the records of every shard, in input order, as JSONL, CSV or TSV (as the one-process CLI does), one
 parquet file, or a `datasets` folder (parquet files under `data/` and a dataset card), which `datasets.load_dataset`
 loads and `push_captions` uploads as a dataset repo.
@@ -21,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, DatasetCard, DatasetCardData, HfApi
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet", "datasets")
+FIELDS = ("path", "caption", "error")  # of the one-process CLI's records
 ROWS_PER_PARQUET_FILE = 1_000_000  # ~100 MB of captions: within the Hub's recommended file size
 CARD_TAG = "loracaptioner"
 
@@ -113,6 +117,60 @@ class PartWriter:
 
     def abandon(self) -> None:
         self.handle.close()
+
+
+class RecordWriter:
+    """The one-process CLI's output (JSONL, CSV or TSV; stdout if `path` is None): one record per line, flushed as
+    written; appends to an existing file, whose complete records are read first, for resuming (`captioned`)."""
+
+    def __init__(self, path: str | None, output_format: str):
+        self.format = output_format
+        self.captioned: set[str] = set()
+        if path is None:
+            self.handle = sys.stdout
+            needs_header = True
+        else:
+            needs_header = self._read_existing(path)
+            self.handle = open(path, "a", encoding="utf-8", newline="")
+        if self.format != "jsonl":
+            self.csv = csv.DictWriter(self.handle, FIELDS, delimiter="," if self.format == "csv" else "\t",
+                                      lineterminator="\n", extrasaction="ignore")
+            if needs_header:
+                self.csv.writeheader()
+                self.handle.flush()
+
+    def _read_existing(self, path: str) -> bool:
+        """Collect captioned paths; drop a last line cut off by a killed run. True if the file needs a header."""
+        if not os.path.exists(path) or os.path.getsize(path) == 0:
+            return True
+        with open(path, "rb+") as handle:
+            content = handle.read()
+            complete = content[: content.rfind(b"\n") + 1]
+            if len(complete) < len(content):
+                handle.truncate(len(complete))
+        lines = complete.decode("utf-8").splitlines()
+        if self.format == "jsonl":
+            records = []
+            for line in filter(str.strip, lines):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise ValueError(f"--output {path} is not a JSONL file of captions: {line[:80]!r}") from None
+        else:
+            records = list(csv.DictReader(lines, delimiter="," if self.format == "csv" else "\t"))
+        self.captioned = {r["path"] for r in records if r.get("path") and r.get("caption") and not r.get("error")}
+        return not lines
+
+    def write(self, record: dict) -> None:
+        if self.format == "jsonl":
+            self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            self.csv.writerow(record)
+        self.handle.flush()
+
+    def close(self) -> None:
+        if self.handle is not sys.stdout:
+            self.handle.close()
 
 
 def write_atomically(path: Path, text: str) -> None:

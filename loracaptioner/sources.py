@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import re
+import sys
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+
+from .images import IMAGE_EXTENSIONS, is_url, load_image, read_image
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -62,22 +65,11 @@ class Shard:
 
     def decode(self, sample: Sample) -> Image.Image:
         """The sample's RGB image, or a `ValueError` naming the image and the problem."""
-        from .data import load_image  # (`data` imports `datasets`: only where needed, not for every CLI start)
-
-        try:
-            return load_image(sample.image, f"{self.label}:{sample.fields['key']}")
-        except ValueError as error:
-            raise _reproducible(error) from None
+        return load_image(sample.image, f"{self.label}:{sample.fields['key']}")
 
     def count(self) -> int | None:
         """How many samples the shard holds, when that is known without reading it."""
         return None
-
-
-def _reproducible(error: ValueError) -> ValueError:
-    """PIL names in-memory data by its address ("cannot identify image file <_io.BytesIO object at 0x7f...>"): without
-    it, an error record is the same in every run."""
-    return ValueError(re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error)))
 
 
 def _name(label: str, readable: str) -> str:
@@ -100,12 +92,7 @@ class FileListShard(Shard):
             yield Sample({"path": path}, image=path)
 
     def decode(self, sample: Sample) -> Image.Image:
-        from .cli import read_image  # files and URLs are read exactly as the one-process CLI reads them
-
-        try:
-            return read_image(sample.image, self.url_timeout, self.max_url_bytes)
-        except ValueError as error:
-            raise _reproducible(error) from None
+        return read_image(sample.image, self.url_timeout, self.max_url_bytes)  # as the one-process CLI reads them
 
     def count(self) -> int:
         return len(self.paths)
@@ -328,9 +315,44 @@ def expand_braces(pattern: str) -> list[str]:
     return [name for choice in choices for name in expand_braces(head + choice + tail)]
 
 
+def expand_inputs(specs: Iterable[str], stdin: Iterable[str] = ()) -> list[str]:
+    """Files (named ones kept whatever their suffix, missing ones too: they become error records), folders and globs
+    (image suffixes only), URLs, and `-` for one such spec per stdin line; order kept, duplicates dropped."""
+    found: list[str] = []
+    for spec in specs:
+        if spec == "-":
+            found += expand_inputs([line.strip() for line in stdin if line.strip() and line.strip() != "-"])
+        elif is_url(spec):
+            found.append(spec)
+        elif Path(spec).is_dir():
+            matches = _images_under(Path(spec))
+            if not matches:
+                print(f"loracaptioner: warning: no images in folder {spec}", file=sys.stderr)
+            found += matches
+        elif glob.has_magic(spec) and not Path(spec).exists():
+            matches = []
+            for match in sorted(glob.glob(spec, recursive=True)):
+                if Path(match).is_dir():
+                    matches += _images_under(Path(match))
+                elif Path(match).suffix.lower() in IMAGE_EXTENSIONS:
+                    matches.append(match)
+            if not matches:
+                print(f"loracaptioner: warning: no images match {spec}", file=sys.stderr)
+            found += matches
+        else:
+            found.append(spec)
+    return list(dict.fromkeys(found))
+
+
+def _images_under(folder: Path) -> list[str]:
+    return sorted(
+        str(path) for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    )
+
+
 def is_shard_spec(spec: str) -> bool:
     """A webdataset tar or a parquet file (or a glob / brace pattern of them): captioned shard by shard."""
-    return spec.lower().endswith(TAR_SUFFIXES + PARQUET_SUFFIXES) and not spec.startswith(("http://", "https://"))
+    return spec.lower().endswith(TAR_SUFFIXES + PARQUET_SUFFIXES) and not is_url(spec)
 
 
 def find_shards(specs: Iterable[str], *, stdin: Iterable[str] = (), shard_size: int = 1000,
@@ -339,8 +361,6 @@ def find_shards(specs: Iterable[str], *, stdin: Iterable[str] = (), shard_size: 
     """The shards of the command line's inputs, in their order: each tar or parquet file (names, globs and brace
     patterns) is a shard; everything else (files, folders, globs, URLs, `-` for stdin, as the one-process CLI takes
     them) is listed and cut into shards of `shard_size` entries."""
-    from .cli import expand_inputs
-
     shards: list[Shard] = []
     pending: list[str] = []
 

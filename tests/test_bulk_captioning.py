@@ -25,7 +25,7 @@ from conftest import REPO
 from huggingface_hub import constants, set_client_factory
 from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 from PIL import Image
-from test_cli import generate_captions
+from test_cli import generate_captions, out_of_memory_on_call
 from test_hub_push import FakeHub
 
 from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
@@ -168,20 +168,15 @@ def test_a_rank_killed_mid_run_is_resumed_to_exactly_the_uninterrupted_output(on
 
 
 def test_a_failure_of_the_model_stops_the_run_and_the_rerun_does_only_the_rest(one_process, model_dir, shards,
-                                                                               tmp_path, monkeypatch):
+                                                                               tmp_path, monkeypatch, capsys):
     output = tmp_path / "captions.jsonl"
     args = [model_dir, str(shards / "*.tar"), "-o", str(output), "--batch-size", "2", "--num-workers", "0"]
-    generate, calls = LoraCaptionerForConditionalGeneration.generate, []
-
-    def out_of_memory_on_the_fifth_batch(self, *arguments, **options):
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("CUDA out of memory (pretend)")
-        return generate(self, *arguments, **options)
-
-    monkeypatch.setattr(LoraCaptionerForConditionalGeneration, "generate", out_of_memory_on_the_fifth_batch)
-    with pytest.raises(RuntimeError, match="out of memory"):  # not an error record per image: the run stops
-        caption(args)
+    generate = LoraCaptionerForConditionalGeneration.generate
+    monkeypatch.setattr(LoraCaptionerForConditionalGeneration, "generate", out_of_memory_on_call(5))
+    assert caption(args) == 1  # not an error record per image: the run stops, in one line
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "loracaptioner: error: stopped by OutOfMemoryError: CUDA out of memory (pretend); finished shards are kept "
+        f"in {tmp_path / 'captions.jsonl.parts'}, and rerunning the same command captions only the rest")
     monkeypatch.setattr(LoraCaptionerForConditionalGeneration, "generate", generate)
     finished = sorted(path.name for path in (tmp_path / "captions.jsonl.parts").glob("*.jsonl"))
     assert len(finished) == 2  # batches 1-4 finished shards 0 and 1

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
-from loracaptioner.cli import main, pick_dtype
+from loracaptioner.cli import main
+from loracaptioner.loading import pick_dtype
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,19 @@ def run(args: list[str], capsys) -> tuple[int, str, str]:
     code = main(["caption", *args, "--quiet"])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def out_of_memory_on_call(number: int):
+    """A `generate` that runs out of memory (pretended) on its `number`-th call: the model is the boundary."""
+    generate, calls = LoraCaptionerForConditionalGeneration.generate, []
+
+    def generate_or_run_out_of_memory(self, *arguments, **options):
+        calls.append(1)
+        if len(calls) == number:
+            raise torch.OutOfMemoryError("CUDA out of memory (pretend)")
+        return generate(self, *arguments, **options)
+
+    return generate_or_run_out_of_memory
 
 
 def jsonl(text: str) -> list[dict]:
@@ -272,3 +286,46 @@ def test_the_console_script_runs_and_reports_its_exit_status(model_dir, tmp_path
     assert header == "path\tcaption\terror"
     assert captioned.startswith(f"{image}\t") and failed.startswith(f"{tmp_path / 'missing.png'}\t\t")
     assert "captioning: 100%" in result.stderr and "2/2" in result.stderr  # the progress bar
+
+
+def test_out_of_memory_stops_the_run_in_one_line_keeping_the_records_written_and_a_rerun_resumes(
+        model_dir, tmp_path, capsys, monkeypatch):
+    paths = [write_image(tmp_path / f"{i}.png", i) for i in range(5)]
+    output = tmp_path / "captions.jsonl"
+    args = [model_dir, *paths, "--output", str(output), "--batch-size", "2", "--num-workers", "1"]
+    generate = LoraCaptionerForConditionalGeneration.generate
+    monkeypatch.setattr(LoraCaptionerForConditionalGeneration, "generate", out_of_memory_on_call(2))
+    code, _, err = run(args, capsys)
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        "loracaptioner: error: stopped by OutOfMemoryError: CUDA out of memory (pretend); the records written so far "
+        f"are kept in {output}, and rerunning the same command captions only the rest")
+    first = jsonl(output.read_text())
+    assert [r["path"] for r in first] == paths[:2] and all("caption" in r for r in first)  # no error records
+
+    monkeypatch.setattr(LoraCaptionerForConditionalGeneration, "generate", generate)
+    code, _, err = run(args, capsys)
+    assert code == 0 and "2 inputs already captioned" in err
+    records = jsonl(output.read_text())
+    assert records[:2] == first and [r["path"] for r in records] == paths
+    assert [r["caption"] for r in records] == generate_captions(model_dir, paths)
+
+
+def test_an_image_the_processor_rejects_is_one_error_record_and_its_batch_is_captioned(model_dir, tmp_path, capsys,
+                                                                                       monkeypatch):
+    paths = [write_image(tmp_path / f"{i}.png", i) for i in range(3)]
+    odd = write_image(tmp_path / "odd.png", 3, size=(31, 17))
+    process = LoraCaptionerProcessor.__call__
+
+    def refuse_31_by_17(self, images=None, **options):
+        if any(image.size == (31, 17) for image in images):
+            raise ValueError("image 1: pretend the processor cannot take this one")
+        return process(self, images=images, **options)
+
+    monkeypatch.setattr(LoraCaptionerProcessor, "__call__", refuse_31_by_17)
+    code, out, err = run([model_dir, paths[0], odd, *paths[1:], "--batch-size", "4"], capsys)
+    assert code == 1 and "1 of 4 inputs failed" in err
+    records = {r["path"]: r for r in jsonl(out)}
+    assert records[odd]["error"] == f"{odd}: ValueError: image 1: pretend the processor cannot take this one"
+    monkeypatch.setattr(LoraCaptionerProcessor, "__call__", process)
+    assert [records[p]["caption"] for p in paths] == generate_captions(model_dir, paths)

@@ -203,3 +203,24 @@ def test_missing_adapter_folder_is_named_in_the_error(original, tmp_path, capsys
                      "--output", str(tmp_path / "out"))
     assert error == (f"python -m loracaptioner.convert_original: error: --adapter: {tmp_path / 'nowhere'} has no "
                      "adapter_config.json (expected a peft adapter folder)")
+
+
+def test_the_convert_original_subcommand_takes_the_same_options_in_the_cli_flag_style(original, converted, backbones,
+                                                                                      tmp_path, capsys):
+    from loracaptioner.cli import main as loracaptioner_main
+
+    root = original[1]
+    assert loracaptioner_main(["convert-original", "--projection", str(root / "projection.pt"), "--adapter",
+                               str(root / "adapter"), "-o", str(tmp_path / "out"), "--vision-model", backbones[0],
+                               "--text-model", backbones[1]]) == 0
+    by_subcommand = LoraCaptionerForConditionalGeneration.from_pretrained(tmp_path / "out").state_dict()
+    by_module = LoraCaptionerForConditionalGeneration.from_pretrained(converted["merged"][0]).state_dict()
+    assert by_subcommand.keys() == by_module.keys()
+    assert all(torch.equal(by_subcommand[name], by_module[name]) for name in by_module)
+
+    code = loracaptioner_main(["convert-original", "--projection", str(root / "projection.pt"), "--adapter",
+                               str(tmp_path / "nowhere"), "--output", str(tmp_path / "out2")])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"loracaptioner: error: --adapter: {tmp_path / 'nowhere'} has no adapter_config.json (expected a peft adapter "
+        "folder)")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig
+if TYPE_CHECKING:  # peft is imported where LoRA is placed: `import loracaptioner` (and the model card) go without it
+    from peft import LoraConfig
 
 # The original LoraCaptioner's target modules. T5 names them the same in encoder and decoder; DECODER_LAYER keeps
 # adapters off the (never built) text encoder and off the CLIP tower.
@@ -28,6 +30,8 @@ def decoder_lora_config(model, r: int, alpha: int, dropout: float, targets=ORIGI
     """A peft `LoraConfig` placing adapters on the given T5 decoder modules (`targets`, named as in
     `ORIGINAL_LORA_TARGETS`); `modules_to_save` is what the model's config trains in full (the bridge, and the CLIP
     tower unless frozen). Unknown module names raise a `ValueError` listing the valid ones."""
+    from peft import LoraConfig
+
     linear_names = {
         DECODER_LAYER.sub("", name)
         for name, module in model.named_modules()

@@ -33,7 +33,7 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments, set_seed
 from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
 from loracaptioner.caption_metrics import exact_match, load_caption_metrics
 from loracaptioner.checkpoints import checkpoint_problem, last_complete_checkpoint
-from loracaptioner.configuration_loracaptioner import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL
+from loracaptioner.remote_code.configuration_loracaptioner import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL
 from loracaptioner.data import (
     CAPTION_COLUMNS,
     IMAGE_COLUMNS,

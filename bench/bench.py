@@ -53,7 +53,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput
 
 from loracaptioner import LoraCaptionerForConditionalGeneration
-from loracaptioner.configuration_loracaptioner import LoraCaptionerConfig
+from loracaptioner.remote_code.configuration_loracaptioner import LoraCaptionerConfig
 from loracaptioner.lora import ORIGINAL_LORA_TARGETS, decoder_lora_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -351,7 +351,7 @@ def preprocessing_rows(size: int, repeats: int) -> list[dict]:
     from PIL import Image
     from transformers import CLIPImageProcessorPil
 
-    from loracaptioner.processing_loracaptioner import to_rgb_image
+    from loracaptioner.remote_code.processing_loracaptioner import to_rgb_image
 
     rng = np.random.default_rng(0)
     mixed = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in

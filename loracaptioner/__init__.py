@@ -2,10 +2,10 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from .configuration_loracaptioner import LoraCaptionerConfig
+from .remote_code.configuration_loracaptioner import LoraCaptionerConfig
 from .hub import push_to_hub, save_for_hub
-from .modeling_loracaptioner import LoraCaptionerForConditionalGeneration
-from .processing_loracaptioner import LoraCaptionerProcessor
+from .remote_code.modeling_loracaptioner import LoraCaptionerForConditionalGeneration
+from .remote_code.processing_loracaptioner import LoraCaptionerProcessor
 
 __version__ = "0.1.0"
 

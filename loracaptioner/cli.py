@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `loracaptioner convert-original` (and of `python -m loracaptioner.convert_original`)."""
-    from .configuration_loracaptioner import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL
+    from .remote_code.configuration_loracaptioner import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL
 
     parser.add_argument("--projection", required=True, help="the original's projection.pt (bridge state dict)")
     parser.add_argument("--adapter", required=True, help="the original's peft adapter folder (for Flan-T5)")

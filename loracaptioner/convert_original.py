@@ -30,12 +30,12 @@ from peft import LoraConfig, PeftType, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import CLIPVisionConfig, T5Config
 
-from .configuration_loracaptioner import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL
+from .remote_code.configuration_loracaptioner import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL
 from .hub import save_for_hub
 from .lora import DECODER_LAYER, decoder_lora_config, quiet_peft
 from .model_card import ADAPTER_DIR
-from .modeling_loracaptioner import LoraCaptionerForConditionalGeneration
-from .processing_loracaptioner import LoraCaptionerProcessor
+from .remote_code.modeling_loracaptioner import LoraCaptionerForConditionalGeneration
+from .remote_code.processing_loracaptioner import LoraCaptionerProcessor
 
 logger = logging.getLogger("loracaptioner.convert_original")
 

@@ -14,7 +14,7 @@ import datasets
 import torch
 
 from .images import load_image
-from .processing_loracaptioner import LoraCaptionerProcessor
+from .remote_code.processing_loracaptioner import LoraCaptionerProcessor
 
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
 CAPTION_COLUMNS = ("caption", "captions", "text", "txt")

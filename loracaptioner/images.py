@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .processing_loracaptioner import to_rgb_image
+from .remote_code.processing_loracaptioner import to_rgb_image
 
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga",

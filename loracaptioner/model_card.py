@@ -17,7 +17,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .configuration_loracaptioner import LoraCaptionerConfig
+from .remote_code.configuration_loracaptioner import LoraCaptionerConfig
 from .lora import lora_targets
 
 TEMPLATE_PATH = Path(__file__).with_name("model_card_template.md")  # package data, in every install

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loracaptioner.modeling_loracaptioner import CAPTION_GENERATION_DEFAULTS
+from loracaptioner.remote_code.modeling_loracaptioner import CAPTION_GENERATION_DEFAULTS
 
 
 def test_greedy_equals_hand_written_argmax_loop(model, processor, images):

@@ -20,7 +20,7 @@ from transformers import TrainerState
 
 import train_hf  # the repository root is on sys.path (conftest)
 from loracaptioner import LoraCaptionerForConditionalGeneration
-from loracaptioner.configuration_loracaptioner import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL
+from loracaptioner.remote_code.configuration_loracaptioner import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL
 from loracaptioner.hub import save_for_hub
 from loracaptioner.lora import decoder_lora_config
 from loracaptioner.model_card import ADAPTER_DIR, TrainingRun, data_source, write_model_card

@@ -17,6 +17,30 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # What the Trainer writes into checkpoint-*/ to resume a run, and reads back itself with torch.load(weights_only=True).
 TRAINER_RESUME_STATE = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin", "scaler.pt"}
 REMOTE_CODE_FILES = ("configuration_loracaptioner.py", "modeling_loracaptioner.py", "processing_loracaptioner.py")
+REMOTE_CODE_DIR = REPO / "loracaptioner" / "remote_code"
+# What Hub users' Python is sure to have: torch, transformers, and the two transformers' image processing needs.
+REMOTE_CODE_MAY_IMPORT = {"torch", "transformers", "numpy", "PIL"}
+
+
+def test_the_remote_code_folder_holds_the_three_hub_files_and_imports_nothing_of_the_package():
+    """loracaptioner/remote_code/ is the boundary Hub users execute: exactly the three files `auto_map` names (and a
+    docstring-only `__init__`), each importing only the standard library, torch, transformers (numpy, PIL) and, by
+    relative import, one another."""
+    assert sorted(path.name for path in REMOTE_CODE_DIR.glob("*.py")) == sorted([*REMOTE_CODE_FILES, "__init__.py"])
+    assert ast.parse((REMOTE_CODE_DIR / "__init__.py").read_text()).body[1:] == []  # nothing past the docstring
+    for name in REMOTE_CODE_FILES:
+        for node in ast.walk(ast.parse((REMOTE_CODE_DIR / name).read_text())):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = {node.module.split(".")[0]}
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 1 and f"{node.module}.py" in REMOTE_CODE_FILES, (name, ast.dump(node))
+                continue
+            else:
+                continue
+            outside = roots - REMOTE_CODE_MAY_IMPORT - set(sys.stdlib_module_names)
+            assert not outside, f"{name} imports {sorted(outside)}"
 
 
 def pickles_in(folder) -> list[str]:
@@ -134,7 +158,7 @@ def test_remote_code_files_do_no_io_of_their_own_when_imported(tmp_path):
     package.mkdir()
     (package / "__init__.py").write_text("")
     for name in REMOTE_CODE_FILES:
-        shutil.copy(REPO / "loracaptioner" / name, package / name)
+        shutil.copy(REPO / "loracaptioner" / "remote_code" / name, package / name)
     (tmp_path / "user.py").write_text(AUDITED_IMPORT)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # Python's own bytecode cache is not the files' I/O

@@ -94,6 +94,16 @@ def model(backbones) -> LoraCaptionerForConditionalGeneration:
 
 
 @pytest.fixture(scope="session")
+def model_dir(backbones, tmp_path_factory) -> str:
+    """A saved tiny LoraCaptioner (random weights on the tiny backbones), as the CLI and captioning engine load it."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("model")
+    LoraCaptionerForConditionalGeneration.from_backbones(*backbones).save_pretrained(folder)
+    LoraCaptionerProcessor.from_backbones(*backbones).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def images() -> list[Image.Image]:
     """Varied sizes and modes, as users have them."""
     rng = np.random.default_rng(0)

@@ -20,15 +20,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from conftest import REPO
-from huggingface_hub import constants, set_client_factory
-from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 from PIL import Image
 from test_cli import generate_captions, out_of_memory_on_call
-from test_hub_push import FakeHub
+from test_hub_push import FakeHub, serve
 
-from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
+from loracaptioner import LoraCaptionerForConditionalGeneration
 from loracaptioner.cli import main
 
 NUM_SHARDS, PER_SHARD = 6, 4
@@ -48,16 +45,6 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
-
-
-@pytest.fixture(scope="module")
-def model_dir(backbones, tmp_path_factory) -> str:
-    """A saved tiny LoraCaptioner (random weights on conftest's tiny backbones)."""
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("model")
-    LoraCaptionerForConditionalGeneration.from_backbones(*backbones).save_pretrained(folder)
-    LoraCaptionerProcessor.from_backbones(*backbones).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -292,16 +279,7 @@ class FakeDatasetHub(FakeHub):
 
 @pytest.fixture()
 def dataset_hub(monkeypatch, tmp_path):
-    fake = FakeDatasetHub()
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake), follow_redirects=True,
-                                             event_hooks={"request": [hf_request_event_hook]}))
-    yield fake
-    set_client_factory(default_client_factory)
-    assert not fake.unexpected, fake.unexpected
+    yield from serve(FakeDatasetHub(), monkeypatch, tmp_path)
 
 
 def test_push_to_hub_uploads_the_captions_as_a_dataset_repo_that_load_dataset_reads(one_process, model_dir, shards,

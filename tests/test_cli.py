@@ -24,15 +24,6 @@ from loracaptioner.cli import main
 from loracaptioner.loading import pick_dtype
 
 
-@pytest.fixture(scope="module")
-def model_dir(backbones, tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("model")
-    LoraCaptionerForConditionalGeneration.from_backbones(*backbones).save_pretrained(folder)
-    LoraCaptionerProcessor.from_backbones(*backbones).save_pretrained(folder)
-    return str(folder)
-
-
 def write_image(path: Path, seed: int, size=(40, 30)) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)

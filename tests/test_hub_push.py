@@ -99,9 +99,8 @@ class FakeHub:
         return folder
 
 
-@pytest.fixture()
-def hub(monkeypatch, tmp_path):
-    fake = FakeHub()
+def serve(fake: FakeHub, monkeypatch, tmp_path):
+    """Route huggingface_hub's HTTP client to `fake` for one test (the network boundary, nothing else)."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets HF_HUB_OFFLINE=1 for everything else
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "agent_harnesses.json"))
@@ -111,6 +110,11 @@ def hub(monkeypatch, tmp_path):
     yield fake
     set_client_factory(default_client_factory)
     assert not fake.unexpected, fake.unexpected
+
+
+@pytest.fixture()
+def hub(monkeypatch, tmp_path):
+    yield from serve(FakeHub(), monkeypatch, tmp_path)
 
 
 def code_files(folder: Path) -> set[str]:

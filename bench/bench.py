@@ -54,7 +54,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from loracaptioner import LoraCaptionerForConditionalGeneration
 from loracaptioner.remote_code.configuration_loracaptioner import LoraCaptionerConfig
-from loracaptioner.lora import ORIGINAL_LORA_TARGETS, decoder_lora_config
+from loracaptioner.lora import ORIGINAL_LORA_TARGETS, decoder_lora_config, quiet_peft
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Equal work for every model: greedy or beam, exactly `tokens` new tokens, no extra logits processors.
@@ -240,8 +240,7 @@ def train_step_fn(kind: str, sh: dict, batch: int, device: str, seed: int = 0):
     labels = torch.randint(2, sh["t5"]["vocab_size"], (batch, 20), generator=generator).to(device)
     if kind == "ours":
         model = build_ours(sh, device=device)
-        with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        with quiet_peft():
             model = get_peft_model(model, decoder_lora_config(model, r=8, alpha=16, dropout=0.1))
 
         def loss():
@@ -252,8 +251,7 @@ def train_step_fn(kind: str, sh: dict, batch: int, device: str, seed: int = 0):
         model.visual_projection.requires_grad_(False)
         # The original: peft on the whole T5 (encoder modules named alike get adapters that never see a gradient).
         lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=list(ORIGINAL_LORA_TARGETS))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        with quiet_peft():
             model.t5 = get_peft_model(model.t5, lora)
 
         def loss():

@@ -17,7 +17,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import datasets
@@ -30,7 +29,7 @@ from transformers import CLIPImageProcessorPil, Seq2SeqTrainingArguments, T5Toke
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loracaptioner import LoraCaptionerConfig, LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor  # noqa: E402
 from loracaptioner.data import CaptionCollator, SkipCounter, cache_vision_features, prepare_split  # noqa: E402
-from loracaptioner.lora import decoder_lora_config  # noqa: E402
+from loracaptioner.lora import decoder_lora_config, quiet_peft  # noqa: E402
 from loracaptioner.trainer import CaptionTrainer  # noqa: E402
 
 WORDS = "a the photo of dog cat man woman car tree beach city street red blue green small large on in with".split()
@@ -74,8 +73,7 @@ def run(rows, processor, epochs: int, batch_size: int, cache: bool) -> tuple[flo
         started = time.perf_counter()
         rows = cache_vision_features(rows, model, processor, batch_size=batch_size)
         caching_seconds = time.perf_counter() - started
-    with warnings.catch_warnings():  # peft reads `is_gradient_checkpointing`, deprecated in transformers 5.24
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+    with quiet_peft():
         model = get_peft_model(model, decoder_lora_config(model, r=8, alpha=16, dropout=0.1))
     timer = EpochTimer()
     with tempfile.TemporaryDirectory() as output_dir:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Degeneration on the demo's data: does the training recipe make captions repeat, and what do decoding settings do?
 
-Run after `make demo` (it reuses the data, the base and the LoRA model of outputs/demo):
+Run after `make demo` (it reuses the data, the base and the LoRA row's model, outputs/demo/model):
 
     python demo/degeneration.py
 
@@ -118,14 +118,14 @@ def main() -> None:
     out = args.output_dir.resolve()
     started = time.perf_counter()
     data_dir = out / "data"
-    for needed in (out / "base", out / "lora", data_dir / "test"):
+    for needed in (out / "base", out / "model", data_dir / "test"):
         if not needed.is_dir():
             sys.exit(f"{needed} is missing: run `make demo` first")
     references = {split: [row["caption_fr"] for row in evaluation.read_split(data_dir / split)]
                   for split in ("validation", "test")}
 
     demo_lora = "demo's LoRA stage (configs/demo.yaml)"
-    models = {demo_lora: (out / "lora", False)}
+    models = {demo_lora: (out / "model", False)}
     for index, (name, (recipe, pad_labels)) in enumerate(RUNS.items()):
         folder = out / "degeneration" / str(index)
         print(f"training: {name}", flush=True)

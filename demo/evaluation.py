@@ -50,12 +50,10 @@ def caption_split(model_dir: str | Path, split_dir: str | Path, decoding: dict,
 
 def caption_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Exact match, CIDEr-D, BLEU-4 and ROUGE-L of one caption per image against its one reference."""
-    import evaluate
-
-    from loracaptioner.caption_metrics import CAPTION_METRICS_PATH, exact_match
+    from loracaptioner.caption_metrics import exact_match, load_caption_metrics
 
     refs = [[reference] for reference in references]
-    scores = evaluate.load(str(CAPTION_METRICS_PATH)).compute(predictions=predictions, references=refs)
+    scores = load_caption_metrics().compute(predictions=predictions, references=refs)
     return {"exact_match": exact_match(predictions, refs), "cider": scores["cider"], "bleu_4": scores["bleu_4"],
             "rouge_l": scores["rouge_l"]}
 

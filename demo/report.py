@@ -23,8 +23,16 @@ SAMPLE_IMAGES = 8
 def validation_curve(model_dir: Path) -> list[tuple[float, float]]:
     """(epoch, validation exact match) after every epoch, from the Trainer's log."""
     state = json.loads((model_dir / "trainer_state.json").read_text())
-    return [(entry["epoch"], entry["eval_exact_match"]) for entry in state["log_history"]
-            if "eval_exact_match" in entry and "eval_runtime" in entry]
+    by_epoch = {entry["epoch"]: entry["eval_exact_match"] for entry in state["log_history"]
+                if "eval_exact_match" in entry}  # the evaluation after training repeats the last epoch's
+    return sorted(by_epoch.items())
+
+
+def curve_table(curves: dict[str, list[tuple[float, float]]]) -> list[str]:
+    epochs = [epoch for epoch, _ in next(iter(curves.values()))]
+    return ["| model | " + " | ".join(f"epoch {epoch:g}" for epoch in epochs) + " |", "|---|" + "---:|" * len(epochs),
+            *[f"| {SHORT[row]} | " + " | ".join(f"{value:.3f}" for _, value in curve) + " |"
+              for row, curve in curves.items()]]
 
 
 def table(test: dict, trainable: dict, wall: dict) -> list[str]:
@@ -40,11 +48,10 @@ def table(test: dict, trainable: dict, wall: dict) -> list[str]:
     return lines
 
 
-def write(out: Path, test: dict, trainable: dict, wall: dict, load: tuple[float, float, float]) -> str:
+def write(out: Path, test: dict, trainable: dict, wall: dict, curves: dict, load: tuple[float, float, float]) -> str:
     """Write report.md and report.png into `out`; returns the text to print."""
     rows, results = test["rows"], test["results"]
     english = results["base_english"]
-    curves = {row: validation_curve(out / row) for row in ROWS}
     base_on_english = (f"The base on its own task, the English captions of the same test images: exact match "
                        f"{english['exact_match']:.3f}, CIDEr-D {english['cider']:.2f}, BLEU-4 {english['bleu_4']:.3f}, "
                        f"ROUGE-L {english['rouge_l']:.3f}.")
@@ -60,11 +67,13 @@ def write(out: Path, test: dict, trainable: dict, wall: dict, load: tuple[float,
         "",
         base_on_english,
         "",
-        "Validation exact match after each epoch (the base: English; the others: French):",
+        "Validation exact match after each epoch: the base on English captions,",
         "",
-        "| model | " + " | ".join(f"epoch {epoch:g}" for epoch, _ in curves["base"]) + " |",
-        "|---|" + "---:|" * len(curves["base"]),
-        *[f"| {SHORT[row]} | " + " | ".join(f"{value:.3f}" for _, value in curves[row]) + " |" for row in ROWS],
+        *curve_table({"base": curves["base"]}),
+        "",
+        "and the adaptation runs on French captions:",
+        "",
+        *curve_table({row: curves[row] for row in ("bridge", "lora", "full")}),
         "",
         f"First {SAMPLE_IMAGES} test images (report.png shows them):",
         "",
@@ -73,7 +82,7 @@ def write(out: Path, test: dict, trainable: dict, wall: dict, load: tuple[float,
         *[f"| {rows[i]['file_name']} | {rows[i]['caption_fr']} | "
           + " | ".join(results[row]["captions"][i] for row in ROWS) + " |" for i in range(min(SAMPLE_IMAGES, len(rows)))],
         "",
-        f"Wall times are for {os.cpu_count()} CPU cores, two adaptation runs at a time (one thread each); load "
+        f"Wall times are for {os.cpu_count()} CPU cores, the three adaptation runs at once (one thread each); load "
         f"average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min). The train_hf.py "
         "commands are in commands.sh.",
     ]

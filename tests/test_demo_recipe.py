@@ -153,13 +153,13 @@ def test_configs_demo_yaml_is_the_lora_stage_and_runs(quick_demo, tmp_path):
     """configs/demo.yaml, pointed at the quick demo's folders and cut to its 3 steps, gives the demo's LoRA model."""
     config = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     env, recorded = next((env, words) for env, words in train_hf_commands(quick_demo)
-                         if words[words.index("--output_dir") + 1] == str(quick_demo / "lora"))
+                         if words[words.index("--output_dir") + 1] == str(quick_demo / "model"))
     for key in ("model_name_or_path", "train_dir", "validation_dir", "output_dir"):
         config[key] = str(quick_demo / os.path.relpath(REPO / config[key], REPO / "outputs" / "demo"))
     assert run_demo.command_line(config) + ["--max_steps", "3"] == recorded  # the yaml is the demo's LoRA run
 
-    config.update(output_dir=str(tmp_path / "lora"), max_steps=3)
+    config.update(output_dir=str(tmp_path / "model"), max_steps=3)
     (tmp_path / "demo.yaml").write_text(yaml.safe_dump(config))
     run_train_hf([str(tmp_path / "demo.yaml")], env)
-    assert_same_weights(quick_demo / "lora", tmp_path / "lora")
-    assert json.loads((tmp_path / "lora" / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    assert_same_weights(quick_demo / "model", tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "adapter" / "adapter_config.json").read_text())["r"] == 8

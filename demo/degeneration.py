@@ -13,9 +13,10 @@ Run after `make demo` (it reuses the data, the base and the LoRA row's model, ou
    labels (that is the bug it fixes), so this script builds the same Trainer from the package's own parts.
 2. For every model: the share of held-out captions that repeat a token 3-gram or run to the length limit without
    </s>, under plain greedy decoding with the original's limit (T5's max_length=20: 19 new tokens).
-3. Decoding settings against plain greedy on the demo's LoRA model and on the original-recipe model:
-   no_repeat_ngram_size=3, repetition_penalty=1.2 and beam search (4 beams): metrics, share of captions that differ
-   from plain greedy, share degenerate. Validation first (where a default would be chosen), then test.
+3. Decoding settings against plain greedy on the demo's LoRA model, on its bridge-only model (a frozen decoder fed
+   by a retrained bridge, which repeats) and on the original-recipe model: no_repeat_ngram_size=3,
+   repetition_penalty=1.2 and beam search (4 beams): metrics, share of captions that differ from plain greedy,
+   share degenerate. Validation first (where a default would be chosen), then test.
 
 Everything is written to outputs/demo/degeneration.md.
 """
@@ -67,6 +68,7 @@ def train(base: Path, data_dir: Path, output_dir: Path, recipe: dict, pad_labels
     from loracaptioner.lora import decoder_lora_config
     from loracaptioner.trainer import CaptionTrainer
 
+    torch.set_num_threads(1)  # see THREADS in run_demo.py
     set_seed(0)
     skipped = SkipCounter()
     splits = {name: prepare_split(load_caption_dataset(data_dir=str(data_dir / name)), "image", "caption_fr", skipped,
@@ -124,8 +126,8 @@ def main() -> None:
     references = {split: [row["caption_fr"] for row in evaluation.read_split(data_dir / split)]
                   for split in ("validation", "test")}
 
-    demo_lora = "demo's LoRA stage (configs/demo.yaml)"
-    models = {demo_lora: (out / "model", False)}
+    demo_lora, bridge_only = "demo's LoRA stage (configs/demo.yaml)", "demo's bridge-only row (decoder frozen)"
+    models = {demo_lora: (out / "model", False), bridge_only: (out / "bridge", False)}
     for index, (name, (recipe, pad_labels)) in enumerate(RUNS.items()):
         folder = out / "degeneration" / str(index)
         print(f"training: {name}", flush=True)
@@ -147,7 +149,7 @@ def main() -> None:
                      f"| {sum(test_degenerate) / len(test_degenerate):.1%} | {scores['exact_match']:.3f} | "
                      f"{scores['cider']:.2f} |")
         print(lines[-1], flush=True)
-    for name in (demo_lora, "original recipe (padding in the loss)"):
+    for name in (demo_lora, bridge_only, "original recipe (padding in the loss)"):
         for split in ("validation", "test"):
             lines += ["", f"Decoding settings on the {split} split, {name}:", "",
                       *decoding_table(models[name][0], data_dir / split, references[split])]

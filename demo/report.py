@@ -133,7 +133,7 @@ def draw_curves(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title
         draw.line(points, fill=COLOURS[row], width=3)
         for x, y in points[1:]:
             draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=COLOURS[row])
-        legend_y = plot_bottom - 20 - 18 * (len(curves) - 1 - index)
+        legend_y = (plot_top + plot_bottom) // 2 + 18 * index  # mid-height, right: clear of every curve here
         draw.line([(right - 150, legend_y + 7), (right - 125, legend_y + 7)], fill=COLOURS[row], width=3)
         draw.text((right - 118, legend_y), SHORT[row], fill="black", font=font(12))
 

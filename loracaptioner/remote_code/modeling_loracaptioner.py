@@ -19,8 +19,10 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 
 from .configuration_loracaptioner import DEFAULT_TEXT_MODEL, DEFAULT_VISION_MODEL, LoraCaptionerConfig
 
-# Caption-sized output, and no 3-gram twice: the original's greedy decoding degenerated into "tropical" x19 until
-# T5's 20-token limit. tests/test_generation.py shows plain greedy repeating on a model made to repeat and these not.
+# Caption-sized output (the original stopped at T5's 20 tokens) and no 3-gram twice. Measured (demo/degeneration.py):
+# it changes none of the demo LoRA model's held-out captions (none repeats); on demo models that do repeat, it cuts
+# repeating captions from ~30% to ~1% with no caption more right. It ends a repetition only once </s> is the best
+# token left (tests/test_generation.py); what it costs captions that repeat a phrase legitimately was not measured.
 CAPTION_GENERATION_DEFAULTS = {"max_new_tokens": 32, "no_repeat_ngram_size": 3}
 # transformers 5.24 renamed the decoder cache argument/output `past_key_values` -> `cache`; speak whichever it speaks.
 _CACHE = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"

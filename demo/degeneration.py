@@ -145,8 +145,9 @@ def main() -> None:
         _, val_degenerate = evaluation.caption_split(folder, data_dir / "validation", ORIGINAL_LIMIT)
         test_captions, test_degenerate = evaluation.caption_split(folder, data_dir / "test", ORIGINAL_LIMIT)
         scores = evaluation.caption_metrics(test_captions, references["test"])
-        lines.append(f"| {name} | {'<pad>' if pad_labels else '-100'} | {sum(val_degenerate) / len(val_degenerate):.1%} "
-                     f"| {sum(test_degenerate) / len(test_degenerate):.1%} | {scores['exact_match']:.3f} | "
+        labels = "<pad>" if pad_labels else "-100"
+        lines.append(f"| {name} | {labels} | {sum(val_degenerate) / len(val_degenerate):.1%} | "
+                     f"{sum(test_degenerate) / len(test_degenerate):.1%} | {scores['exact_match']:.3f} | "
                      f"{scores['cider']:.2f} |")
         print(lines[-1], flush=True)
     for name in (demo_lora, bridge_only, "original recipe (padding in the loss)"):

@@ -80,7 +80,8 @@ def write(out: Path, test: dict, trainable: dict, wall: dict, curves: dict, load
         "| image | reference | " + " | ".join(SHORT[row] for row in ROWS) + " |",
         "|---|---|" + "---|" * len(ROWS),
         *[f"| {rows[i]['file_name']} | {rows[i]['caption_fr']} | "
-          + " | ".join(results[row]["captions"][i] for row in ROWS) + " |" for i in range(min(SAMPLE_IMAGES, len(rows)))],
+          + " | ".join(results[row]["captions"][i] for row in ROWS) + " |"
+          for i in range(min(SAMPLE_IMAGES, len(rows)))],
         "",
         f"Wall times are for {os.cpu_count()} CPU cores, the three adaptation runs at once (one thread each); load "
         f"average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min). The train_hf.py "

@@ -141,9 +141,17 @@ def run_train_hf(jobs: dict[str, tuple[dict, Path]], parallel: int) -> dict[str,
 
 
 def trainable_parameters(log_file: Path) -> int:
-    """The count train_hf.py logs ("trainable parameters: 35,808 of 556,000 (6.44%)")."""
+    """The count train_hf.py logs ("trainable parameters: 32,352 of 575,744 (5.62%)")."""
     line = next(line for line in log_file.read_text().splitlines() if TRAINABLE_LOG in line)
     return int(line.split(TRAINABLE_LOG)[1].split(" of ")[0].replace(",", ""))
+
+
+def bridge_parameters(model_dir: Path) -> int:
+    """The bridge's parameters: all that the bridge-only row trains (its LoRA matrices, at scale 0, never change)."""
+    from loracaptioner import LoraCaptionerForConditionalGeneration
+
+    model = LoraCaptionerForConditionalGeneration.from_pretrained(model_dir)
+    return sum(parameter.numel() for parameter in model.get_encoder().bridge.parameters())
 
 
 def build_base_init(folder: Path, pixels: dict = BASE_MODEL["pixels"]) -> None:
@@ -225,7 +233,8 @@ BASE_GRID = {  # name: (pixel scaling, changed training arguments)
     "mean 0.5, std 1, 8 epochs": (BASE_MODEL["pixels"], {"num_train_epochs": 8}),
 }
 ADAPT_LEARNING_RATES = {"bridge": (1e-2, 3e-2, 1e-1), "lora": (2e-3, 3e-3, 5e-3), "full": (3e-4, 1e-3, 3e-3)}
-ADAPT_GRID = {f"{row}, lr {lr:g}": (row, {"learning_rate": lr}) for row, lrs in ADAPT_LEARNING_RATES.items() for lr in lrs}
+ADAPT_GRID = {f"{row}, lr {lr:g}": (row, {"learning_rate": lr})
+              for row, learning_rates in ADAPT_LEARNING_RATES.items() for lr in learning_rates}
 ADAPT_GRID.update({f"{row}, lr {lr:g}, 8 epochs": (row, {"learning_rate": lr, "num_train_epochs": 8})
                    for row, lr in (("lora", 3e-3), ("full", 1e-3))})
 
@@ -236,13 +245,13 @@ def tune(out: Path, stage: str, extra: dict) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     jobs = {}
-    for index, (name, (first, changes)) in enumerate((BASE_GRID if stage == "base" else ADAPT_GRID).items()):
+    for index, (name, (setting, changes)) in enumerate((BASE_GRID if stage == "base" else ADAPT_GRID).items()):
         run = folder / str(index)
-        if stage == "base":
-            build_base_init(run / "init", pixels=first)
+        if stage == "base":  # setting: the pixel scaling
+            build_base_init(run / "init", pixels=setting)
             arguments = {**base_arguments(out, extra), "model_name_or_path": str(run / "init")}
-        else:
-            arguments = stage2_arguments(out, extra)[first]
+        else:  # setting: the row
+            arguments = stage2_arguments(out, extra)[setting]
         jobs[name] = ({**arguments, **changes, "output_dir": str(run / "run")}, folder / f"{index}.log")
     wall = run_train_hf(jobs, parallel=2)
     lines = [f"# Validation runs for the {stage} stage", "",
@@ -293,7 +302,7 @@ def main() -> None:
     test = evaluate_on_test(out)
 
     trainable = {row: trainable_parameters(out / f"{row}.log") for row in stage2}
-    trainable["bridge"] = bridge_parameters(out / FOLDERS["bridge"])  # its LoRA matrices are at scale 0: they never change
+    trainable["bridge"] = bridge_parameters(out / FOLDERS["bridge"])
     trainable["base"] = base["trainable"]
     wall["base"] = base["wall_seconds"]
     curves = {row: report.validation_curve(out / FOLDERS[row]) for row in report.ROWS}
@@ -302,13 +311,6 @@ def main() -> None:
     print(f"Report: {out / 'report.md'}, {out / 'report.png'}; models: "
           f"{', '.join(str(out / folder) for folder in FOLDERS.values())} (the LoRA row's is {out / 'model'})")
     print(f"Demo finished in {time.perf_counter() - started:.0f} s (load average {os.getloadavg()[0]:.1f}).")
-
-
-def bridge_parameters(model_dir: Path) -> int:
-    from loracaptioner import LoraCaptionerForConditionalGeneration
-
-    model = LoraCaptionerForConditionalGeneration.from_pretrained(model_dir)
-    return sum(parameter.numel() for parameter in model.get_encoder().bridge.parameters())
 
 
 if __name__ == "__main__":

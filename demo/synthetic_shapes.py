@@ -70,7 +70,8 @@ CAPTION_COLUMNS: dict[str, str] = {language: f"caption_{language}" for language 
 
 # French: (masculine, feminine) forms; the shape decides which (étoile is feminine, the others masculine).
 FRENCH_SHAPES: dict[str, tuple[str, bool]] = {
-    "circle": ("cercle", False), "square": ("carré", False), "triangle": ("triangle", False), "star": ("étoile", True),
+    "circle": ("cercle", False), "square": ("carré", False), "triangle": ("triangle", False),
+    "star": ("étoile", True),
 }  # fmt: skip
 FRENCH_SIZES: dict[str, tuple[str, str]] = {"small": ("petit", "petite"), "large": ("grand", "grande")}
 FRENCH_COLOURS: dict[str, tuple[str, str]] = {

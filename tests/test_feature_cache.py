@@ -1,9 +1,13 @@
-"""--cache_vision_features: the frozen CLIP tower (+ LayerNorm + projection) runs once, its output is cached, and
-training on it (bridge + decoder only) gives the very losses and adapter of training on pixels."""
+"""--cache_vision_features: the frozen CLIP tower (+ LayerNorm + projection) runs once, its output is cached (in
+float16 by default: half the disk, per-step loss within 1e-3 of float32), and training on it (bridge + decoder only)
+gives the very losses and adapter of training on pixels when cached in float32."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from peft import get_peft_model
@@ -19,8 +23,14 @@ from loracaptioner.data import (
     SkipCounter,
     cache_vision_features,
     prepare_split,
+    vision_features_fingerprint,
 )
 from loracaptioner.lora import decoder_lora_config
+
+_spec = importlib.util.spec_from_file_location(
+    "epoch_cache", Path(__file__).resolve().parents[1] / "bench" / "epoch_cache.py")
+epoch_cache = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(epoch_cache)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +45,32 @@ def train_rows():
     return prepare_split(in_memory, "image", "caption", SkipCounter(), one_row_per_caption=True)
 
 
-def test_cached_features_give_the_loss_and_bridge_gradient_of_pixels(model, processor, train_rows, tmp_path):
-    cached_rows = cache_vision_features(train_rows, model, processor, batch_size=3)  # other batches than training's
+def test_features_are_stored_in_float16_by_default(model, processor, train_rows):
+    cached_rows = cache_vision_features(train_rows, model, processor)
+    assert cached_rows.features[VISION_FEATURES_COLUMN] == datasets.Array2D((16, 24), "float16")
+    assert cached_rows[0][VISION_FEATURES_COLUMN].dtype == np.float16
+    batch = CaptionCollator(processor, model=model)([cached_rows[i] for i in range(4)])
+    assert batch["image_features"].dtype == torch.float16  # as stored; the model casts them to its own dtype
+    assert model(**batch).loss.isfinite()
+    float32_rows = cache_vision_features(train_rows, model, processor, dtype="float32")
+    assert float32_rows.features[VISION_FEATURES_COLUMN] == datasets.Array2D((16, 24), "float32")
+    torch.testing.assert_close(torch.as_tensor(cached_rows[0][VISION_FEATURES_COLUMN]).float(),
+                               torch.as_tensor(float32_rows[0][VISION_FEATURES_COLUMN]), rtol=1e-3, atol=1e-3)
+
+
+def test_features_that_overflow_float16_are_refused_with_a_pointer_to_float32(model, processor, train_rows):
+    with torch.no_grad():
+        model.encoder.visual_projection.weight.mul_(1e6)
+    with pytest.raises(ValueError, match=r"do not fit in float16 .*--vision_features_dtype float32"):
+        cache_vision_features(train_rows, model, processor)
+    assert cache_vision_features(train_rows, model, processor, dtype="float32")[0][VISION_FEATURES_COLUMN].max() > 1e5
+    with pytest.raises(ValueError, match="'bfloat16' is not one of"):
+        cache_vision_features(train_rows, model, processor, dtype="bfloat16")
+
+
+def test_cached_float32_features_give_the_loss_and_bridge_gradient_of_pixels(model, processor, train_rows, tmp_path):
+    # Batches of 3 in the caching pass: other batches than training's.
+    cached_rows = cache_vision_features(train_rows, model, processor, batch_size=3, dtype="float32")
     assert cached_rows.column_names == ["caption", VISION_FEATURES_COLUMN]
     assert cached_rows[0][VISION_FEATURES_COLUMN].shape == (16, 24)  # 4x4 patches (CLS dropped) x projection width
 
@@ -64,6 +98,11 @@ def test_cache_is_reused_for_the_same_rows_and_weights_and_redone_when_the_tower
     train_rows = prepare_split(load_caption_dataset(data_dir=str(data_dir)), "image", "caption", SkipCounter(), True)
     first = cache_vision_features(train_rows, model, processor).cache_files
     assert first == cache_vision_features(train_rows, model, processor).cache_files
+    float32 = cache_vision_features(train_rows, model, processor, dtype="float32").cache_files
+    assert {f["filename"] for f in float32}.isdisjoint({f["filename"] for f in first} - {
+        f["filename"] for f in train_rows.cache_files})  # a float32 cache is not reused as a float16 one
+    assert vision_features_fingerprint(train_rows, model, processor, "float16") != vision_features_fingerprint(
+        train_rows, model, processor, "float32")
     with torch.no_grad():
         model.encoder.visual_projection.weight.mul_(2)
     assert {f["filename"] for f in cache_vision_features(train_rows, model, processor).cache_files} != {
@@ -86,7 +125,8 @@ def test_caching_a_trainable_tower_or_a_stream_is_refused(model, processor, trai
 
 def test_two_epochs_on_cached_features_match_two_epochs_on_pixels(backbones, data_dir, tmp_path):
     history, adapters = {}, {}
-    for name, flags in (("pixels", []), ("cached", ["--cache_vision_features"])):
+    for name, flags in (("pixels", []), ("cached", ["--cache_vision_features", "--vision_features_dtype", "float32"]),
+                        ("cached_float16", ["--cache_vision_features"])):
         run_in_process(["--vision_model_name_or_path", backbones[0], "--text_model_name_or_path", backbones[1],
                         "--train_dir", str(data_dir), "--output_dir", str(tmp_path / name), "--do_train",
                         "--num_train_epochs", "2", "--per_device_train_batch_size", "4", "--learning_rate", "5e-3",
@@ -102,3 +142,27 @@ def test_two_epochs_on_cached_features_match_two_epochs_on_pixels(backbones, dat
     # the weights: equal to fp32 rounding, not bit for bit.
     assert history["cached"] == pytest.approx(history["pixels"], rel=1e-6, abs=1e-6)
     assert max((adapters["cached"][k] - adapters["pixels"][k]).abs().max().item() for k in adapters["pixels"]) <= 1e-4
+    # The default float16 cache: every step's loss within 1e-3 of the float32 cache's.
+    assert max(abs(a - b) for a, b in zip(history["cached_float16"], history["cached"], strict=True)) <= 1e-3
+
+
+def test_epoch_cache_bench_reports_epochs_losses_and_disk_from_the_files_it_wrote():
+    result = epoch_cache.measure(images=8, epochs=2, batch_size=4, tiny=True)
+    assert result["shapes"] == "tiny" and result["feature_shape"] == [16, 24]
+    assert result["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert len(result["uncached"]["epoch_seconds"]) == 2 and len(result["uncached"]["losses"]) == 4
+    assert list(result["cached"]) == ["float32", "float16"]
+    for dtype, itemsize in (("float32", 4), ("float16", 2)):
+        run = result["cached"][dtype]
+        assert len(run["epoch_seconds"]) == 2 and run["caching_seconds"] > 0
+        assert run["first_epoch_seconds"] == run["caching_seconds"] + run["epoch_seconds"][0]
+        assert run["later_over_first"] == run["later_epoch_seconds"] / run["first_epoch_seconds"]
+        # Read from the arrow file: the features (16 x 24 per row) plus the file's own few hundred bytes.
+        assert 16 * 24 * itemsize <= run["bytes_per_row"] <= 16 * 24 * itemsize + 512
+        assert run["cache_bytes"] == run["bytes_per_row"] * 8
+        assert run["gb_per_300k_rows"] == pytest.approx(run["bytes_per_row"] * 300_000 / 1e9)
+    assert result["cached"]["float32"]["max_loss_difference_vs_float32"] == 0
+    assert result["cached"]["float32"]["max_loss_difference_vs_pixels"] <= 1e-5
+    assert 0 < result["cached"]["float16"]["max_loss_difference_vs_float32"] <= 1e-3
+    table = epoch_cache.markdown(result)
+    assert "| cached float16 |" in table and "ISA " + result["isa"] in table

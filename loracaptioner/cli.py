@@ -19,6 +19,7 @@ import argparse
 import sys
 
 from .captioning import RunStopped, UsageError
+from .quantization import QUANTIZATIONS
 from .records import FORMATS
 
 
@@ -68,8 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     hardware.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     hardware.add_argument(
         "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-        help="auto: bfloat16 on a GPU that supports it, else float32. On a CPU, bfloat16 pays only with bf16 matrix "
-             "units (Intel AMX); without them it can be many times slower than float32",
+        help="auto: bfloat16 on a GPU that supports it; on a CPU, bfloat16 where a short test of its matrix "
+             "products (printed on stderr) finds them at least 1.2x as fast as float32's (AMX, some AVX-512 CPUs), "
+             "else float32 (on AVX2 CPUs bfloat16 is ~100x slower)",
+    )
+    hardware.add_argument(
+        "--quantize", default="none", choices=QUANTIZATIONS,
+        help="int8: the linear layers in int8 through torchao (pip install 'loracaptioner[int8]'), CPU only; faster "
+             "than float32 on CPUs with int8 dot products (AVX-512 VNNI) but slower than bfloat16 where --dtype auto "
+             "picks that (see the README: which path on which hardware)",
     )
     hardware.add_argument("--num-workers", type=int, default=4,
                           help="threads that read, download and decode images; over shards, DataLoader worker "

@@ -1,8 +1,13 @@
 """A model ready to caption: device and dtype picked, the model loaded with this package's own classes (no
-`trust_remote_code`), a peft adapter merged into it, and its processor (from the model, else from the adapter)."""
+`trust_remote_code`), a peft adapter merged into it, optionally quantized (see quantization.py), and its processor
+(from the model, else from the adapter)."""
 
 from __future__ import annotations
 
+import functools
+import statistics
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,26 +34,111 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+# `--dtype auto` on a CPU picks bfloat16 only when its matrix products are at least this much faster than float32's.
+# CPUs differ by two orders of magnitude: bfloat16 ran ~7x faster with AMX, ~4.7x on an AMD EPYC with AVX-512 +
+# avx512_bf16 (no AMX), ~0.5x on a Xeon with AVX-512 but no AMX, ~0.01x with AVX2 only. Casts, layer norms and
+# softmax do not speed up with it: a ratio near 1 is not worth the rounding.
+BF16_MARGIN = 1.2
+# (rows, in_features, out_features) of the model's linear layers: one image's CLIP MLP (197 patches, 768 -> 3072)
+# cut to 128 rows, and one decoding step of a batch of 8 through the T5 feed-forward (768 -> 2048).
+PROBE_SHAPES = ((128, 768, 3072), (8, 768, 2048))
+
+
+def pick_dtype(name: str, device: torch.device, quantize: str = "none") -> torch.dtype:
+    """`--dtype NAME` as a torch dtype; `auto` is bfloat16 on a GPU that supports it (float16 overflows in T5's
+    feed-forward layers, so a GPU without bfloat16 stays in float32) and on a CPU whose bfloat16 matrix products are
+    measured at least `BF16_MARGIN` times faster than float32's (`bf16_speedup`); else float32. int8 (`quantize`)
+    computes in float32."""
+    if quantize != "none":
+        if name not in ("auto", "float32"):
+            raise UsageError(f"--quantize {quantize} computes in float32: use --dtype auto or float32 with it (where "
+                             f"--dtype {name} is fast, it is faster alone)")
+        return torch.float32
     if name != "auto":
         return DTYPES[name]
-    # float16 overflows in T5's feed-forward layers, so a GPU without bfloat16 stays in float32.
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type != "cpu":
+        return torch.float32
+    speedup = bf16_speedup(device)
+    dtype = torch.bfloat16 if speedup >= BF16_MARGIN else torch.float32
+    announce(f"--dtype auto: {str(dtype).removeprefix('torch.')} (bfloat16 matrix products measured {speedup:.2f}x "
+             f"as fast as float32 on this CPU, {torch.backends.cpu.get_cpu_capability()}; bfloat16 from "
+             f"{BF16_MARGIN}x)")
+    return dtype
 
 
-def load_model(model_id: str, revision: str | None, adapter: str | None, device: torch.device, dtype: torch.dtype):
-    """Model (loaded and merged in float32, then `dtype` on `device`) and processor; a `UsageError` if either fails."""
+@functools.cache
+def bf16_speedup(device: torch.device) -> float:
+    """How many times faster bfloat16 linear layers run than float32 ones on `device`, on the model's shapes
+    (`PROBE_SHAPES`): float32's median time over bfloat16's, of interleaved repeats. Measured once per process and
+    device, in about 10 ms where bfloat16 is fast; where it is very slow (AVX2: ~100x) it stops after one round."""
+    generator = torch.Generator().manual_seed(0)
+    layers = {
+        dtype: [(torch.randn(rows, width, generator=generator).to(device, dtype),
+                 torch.randn(out, width, generator=generator).to(device, dtype)) for rows, width, out in PROBE_SHAPES]
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+
+    def seconds(dtype: torch.dtype) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for inputs, weight in layers[dtype]:
+            torch.nn.functional.linear(inputs, weight)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    times = {torch.float32: [], torch.bfloat16: []}
+    with torch.inference_mode():
+        for dtype in times:  # warm-up: first calls pick kernels and allocate
+            seconds(dtype)
+        for round_ in range(7):
+            for dtype in times if round_ % 2 == 0 else reversed(list(times)):
+                times[dtype].append(seconds(dtype))
+            if round_ == 0 and times[torch.bfloat16][0] > 4 * times[torch.float32][0]:
+                break  # far slower: more rounds would only cost time
+    return statistics.median(times[torch.float32]) / statistics.median(times[torch.bfloat16])
+
+
+@functools.cache
+def announce(message: str) -> None:
+    """`message` on stderr, once per process."""
+    print(f"loracaptioner: {message}", file=sys.stderr)
+
+
+def load_model(model_id: str, revision: str | None, adapter: str | None, device: torch.device, dtype: torch.dtype,
+               quantize: str = "none"):
+    """Model and processor; a `UsageError` if either fails. The model is loaded and merged in float32, then `dtype` on
+    `device`; with `quantize="int8"` its linear layers are torchao int8 (quantization.py): quantized by
+    from_pretrained while loading, or, with an adapter, after merging it."""
     from transformers import PretrainedConfig
 
     from . import LoraCaptionerConfig, LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
 
     if not Path(model_id).exists() and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
         raise UsageError(f"model folder {model_id!r} does not exist")
+    quantization = None
+    if quantize != "none":
+        from .quantization import quantization_config
+
+        if device.type != "cpu":
+            raise UsageError(f"--quantize {quantize} runs on the CPU only (--device cpu); on a GPU use --dtype "
+                             "bfloat16")
+        try:
+            quantization = quantization_config(quantize)
+        except (ImportError, ValueError) as error:
+            raise UsageError(f"--quantize {quantize}: {error}") from None
     try:
         model_type = PretrainedConfig.get_config_dict(model_id, revision=revision)[0].get("model_type")
         if model_type != LoraCaptionerConfig.model_type:  # else: a warning and random weights
             raise ValueError(f"it is a {model_type!r} model, not a LoraCaptioner")
-        model = LoraCaptionerForConditionalGeneration.from_pretrained(model_id, revision=revision)
+        if quantization is not None and adapter is None:
+            model = LoraCaptionerForConditionalGeneration.from_pretrained(
+                model_id, revision=revision, dtype=dtype, quantization_config=quantization)
+        else:
+            model = LoraCaptionerForConditionalGeneration.from_pretrained(model_id, revision=revision)
     except Exception as error:  # a missing folder, an unknown Hub id, a folder of another model
         raise UsageError(f"cannot load model {model_id!r}: {first_line(error)}") from None
     if adapter is not None:
@@ -61,6 +151,10 @@ def load_model(model_id: str, revision: str | None, adapter: str | None, device:
                 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         except Exception as error:  # not a folder, not a peft adapter, one for another model
             raise UsageError(f"cannot load adapter {adapter!r}: {first_line(error)}") from None
+        if quantization is not None:
+            from .quantization import quantize as quantize_model
+
+            model = quantize_model(model.to(dtype=dtype), quantize)
     processor, errors = None, []
     for source in filter(None, (model_id, adapter)):
         try:
@@ -71,7 +165,9 @@ def load_model(model_id: str, revision: str | None, adapter: str | None, device:
             errors.append(f"{source!r}: {first_line(error)}")
     if processor is None:
         raise UsageError(f"cannot load the processor from {' or '.join(errors)}")
-    return model.to(device=device, dtype=dtype).eval(), processor
+    if quantization is None:
+        model = model.to(device=device, dtype=dtype)
+    return model.eval(), processor
 
 
 def first_line(error: BaseException) -> str:

@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 
 from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
+from loracaptioner import loading
 from loracaptioner.cli import main
-from loracaptioner.loading import pick_dtype
+from loracaptioner.loading import BF16_MARGIN, bf16_speedup, pick_dtype
 
 
 def write_image(path: Path, seed: int, size=(40, 30)) -> str:
@@ -31,18 +32,22 @@ def write_image(path: Path, seed: int, size=(40, 30)) -> str:
     return str(path)
 
 
-def generate_captions(model_dir: str, paths: list[str], seed: int | None = None, prompt=None, **options) -> list[str]:
+def generate_captions(model_dir: str, paths: list[str], seed: int | None = None, prompt=None, dtype=torch.float32,
+                      **options) -> list[str]:
     """What a user writes by hand: the model's own generate() on the same images, in one batch."""
-    model = LoraCaptionerForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = LoraCaptionerForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
     processor = LoraCaptionerProcessor.from_pretrained(model_dir)
     if seed is not None:
         torch.manual_seed(seed)
     inputs = processor(images=[Image.open(path) for path in paths], text=prompt)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return [c.strip() for c in processor.batch_decode(model.generate(**inputs, **options), skip_special_tokens=True)]
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:
-    code = main(["caption", *args, "--quiet"])
+    """The CLI in float32, as `generate_captions` by default (`--dtype auto` is tested on its own: it picks bfloat16
+    on CPUs where that is faster), unless `args` say otherwise."""
+    code = main(["caption", *args, *([] if "--dtype" in args else ["--dtype", "float32"]), "--quiet"])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -198,7 +203,42 @@ def test_usage_errors_exit_2_with_one_line_and_no_traceback(model_dir, tmp_path,
     with pytest.raises(SystemExit) as exit_info:
         main(["caption", model_dir, image, "--dtype", "float8"])
     assert exit_info.value.code == 2
-    assert pick_dtype("auto", torch.device("cpu")) == torch.float32  # safe default; --dtype bfloat16 is opt-in
+
+
+@pytest.mark.parametrize("speedup, picked", [(0.01, torch.float32), (0.5, torch.float32), (BF16_MARGIN - 0.01,
+                                                                                            torch.float32),
+                                             (BF16_MARGIN, torch.bfloat16), (4.7, torch.bfloat16)],
+                         ids=["avx2", "avx512-no-amx", "just-below-margin", "at-margin", "avx512-bf16"])
+def test_dtype_auto_on_a_cpu_picks_bfloat16_only_where_its_matmuls_are_measured_faster(monkeypatch, capsys, speedup,
+                                                                                       picked):
+    # the measurement (what this CPU does) is the boundary: bf16_speedup's result stands for another CPU's
+    monkeypatch.setattr(loading, "bf16_speedup", lambda device: speedup)
+    assert pick_dtype("auto", torch.device("cpu")) == picked
+    assert pick_dtype("auto", torch.device("cpu")) == picked
+    err = capsys.readouterr().err  # the choice and its reason, once
+    assert err == (f"loracaptioner: --dtype auto: {str(picked).removeprefix('torch.')} (bfloat16 matrix products "
+                   f"measured {speedup:.2f}x as fast as float32 on this CPU, "
+                   f"{torch.backends.cpu.get_cpu_capability()}; bfloat16 from {BF16_MARGIN}x)\n")
+    assert pick_dtype("float32", torch.device("cpu")) == torch.float32  # an explicit dtype: no measurement
+    assert pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert capsys.readouterr().err == ""
+
+
+def test_bf16_speedup_is_measured_once_per_process_and_device():
+    cpu = torch.device("cpu")
+    speedup = bf16_speedup(cpu)
+    assert 0 < speedup < float("inf")
+    started = time.perf_counter()
+    assert bf16_speedup(cpu) == speedup  # cached: the same figure, at once
+    assert time.perf_counter() - started < 0.001
+
+
+def test_dtype_auto_captions_equal_generate_in_the_dtype_it_picked(model_dir, tmp_path, capsys):
+    paths = [write_image(tmp_path / f"{i}.png", seed=i) for i in range(3)]
+    code, out, _ = run([model_dir, *paths, "--dtype", "auto"], capsys)
+    picked = pick_dtype("auto", torch.device("cpu"))
+    assert code == 0
+    assert [r["caption"] for r in jsonl(out)] == generate_captions(model_dir, paths, dtype=picked)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

@@ -1,0 +1,70 @@
+"""int8 inference through torchao, the way transformers loads quantized models:
+
+    from loracaptioner.quantization import quantization_config
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
+                                                        quantization_config=quantization_config("int8"))
+
+(`loracaptioner caption --quantize int8` does this.) The model's linear layers, vision tower and decoder, hold torchao
+int8 tensors; the output layer (`lm_head`) stays in float, as transformers leaves it by default. A quantized model
+saves with `save_pretrained` and loads back with `from_pretrained(folder, trust_remote_code=True)` alone, where torchao
+is installed: its config.json carries the quantization config.
+
+torchao is an optional dependency: `pip install 'loracaptioner[int8]'`. Which path is fastest depends on the CPU (see
+the README, "Which path on which hardware").
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+QUANTIZATIONS = ("none", "int8")
+TORCHAO_REQUIREMENT = "torchao>=0.18"
+INSTALL_HINT = "pip install 'loracaptioner[int8]'"
+# Layers left in float: the output layer, as transformers' default (`get_keys_to_not_convert`) leaves it; named here
+# so that from_pretrained and `quantize` (a model already in memory) leave out the very same layers.
+MODULES_TO_NOT_CONVERT = ["lm_head"]
+
+
+def require_torchao() -> None:
+    """An `ImportError` that says how to install torchao, unless a recent enough one is installed."""
+    try:
+        import torchao
+    except ImportError:
+        raise ImportError(f"int8 needs torchao: {INSTALL_HINT}") from None
+    if tuple(int(part) for part in torchao.__version__.split(".")[:2] if part.isdigit()) < (0, 18):
+        raise ImportError(f"int8 needs {TORCHAO_REQUIREMENT} (torchao {torchao.__version__} is installed): "
+                          f"{INSTALL_HINT}")
+
+
+def torchao_config(name: str):
+    """torchao's own config for `name` (an `AOBaseConfig`)."""
+    if name not in QUANTIZATIONS or name == "none":
+        raise ValueError(f"unknown quantization {name!r}; one of {', '.join(QUANTIZATIONS[1:])}")
+    require_torchao()
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    # int8 weights and int8 activations (scaled per token at run time): int8 x int8 matrix products. See the README
+    # for how it compares with int8 weights only and with bfloat16 on a few CPUs.
+    return Int8DynamicActivationInt8WeightConfig()
+
+
+def quantization_config(name: str):
+    """`transformers.TorchAoConfig` for `from_pretrained(..., quantization_config=...)`."""
+    from transformers import TorchAoConfig
+
+    return TorchAoConfig(torchao_config(name), modules_to_not_convert=list(MODULES_TO_NOT_CONVERT))
+
+
+def quantize(model: nn.Module, name: str) -> nn.Module:
+    """`model`, already in memory (say, with an adapter merged into it), quantized in place as `from_pretrained(...,
+    quantization_config=quantization_config(name))` quantizes the same weights while loading them."""
+    from torchao.quantization import quantize_
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    def converted(module: nn.Module, name: str) -> bool:  # what from_pretrained converts: Linear weights not skipped
+        return isinstance(module, nn.Linear) and should_convert_module(f"{name}.weight", MODULES_TO_NOT_CONVERT)
+
+    with torch.no_grad():
+        quantize_(model, torchao_config(name), filter_fn=converted)
+    return model

@@ -1,16 +1,19 @@
-"""LoraCaptioner speed benchmark (issue 5): captioning throughput and latency, beam search, LoRA training steps and
-peak memory, against the original design rebuilt naively from HF parts and against three peer captioners, all built
-from their configs with random weights (speed does not depend on the values) and run on the same inputs in one run.
+"""LoraCaptioner speed benchmark (issue 11): captioning throughput, latency and beam search, the LoRA training step,
+the vision-feature cache across epochs and peak memory, against the original design rebuilt naively from HF parts and
+against three peer captioners, all in one run, on the same inputs, with random weights (speed does not depend on them).
 
-    python bench/bench.py --markdown bench/results.md   # full-size shapes, sized for <= 8 min on 2 quiet CPU cores
-    python bench/bench.py --quick                                     # full-size shapes, one repeat: a smoke run
-    python bench/bench.py --tiny                                      # tiny shapes: CI smoke test, seconds
-    python bench/bench.py --quality-model outputs/demo/model --quality-data data/synthetic_shapes/test
-    python bench/bench.py --device cuda
+    PYTHONPATH=/tmp/pk_ao python bench/bench.py --markdown bench/results.md \\
+        --quality-model outputs/demo/model --quality-data outputs/demo/data/test    # the full run
+    python bench/bench.py --quick              # full-size shapes, one repeat: a smoke run
+    python bench/bench.py --tiny --quick       # tiny shapes, seconds (tests/test_bench.py)
+    python bench/bench.py --device cuda        # the same rows on a GPU (bench/gpu.sh)
 
-Every model writes exactly `--tokens` new tokens (`min_new_tokens = max_new_tokens`) with the same decoding settings
-(no repetition processors), so all do equal work. Times are medians over `--repeats`; ratios are computed between
-rows of the same run. Throughput is the model's own (pixel_values ready); image preprocessing is timed separately.
+LoraCaptioner's rows go through what a user runs: the model saved once, then
+`from_pretrained(folder, dtype=..., quantization_config=...)` for each shipped path (fp32 default, `--dtype auto`,
+`--quantize int8`). The peers are saved and loaded the same way with the same arguments (same treatment), so every
+comparison is between rows of this run. Timing: every row gets a full-length warm-up call, then each repeat runs every
+row once, the order rotated from one repeat to the next; a row's figure is its median. Ratios within 5% are parity.
+`results.md` is this script's output (`--markdown`), never edited by hand.
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -36,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from transformers import (
+from transformers import (  # noqa: E402
     BlipConfig,
     BlipForConditionalGeneration,
     CLIPVisionConfig,
@@ -50,15 +54,24 @@ from transformers import (
     VisionEncoderDecoderModel,
     ViTConfig,
 )
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import BaseModelOutput  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
 
-from loracaptioner import LoraCaptionerForConditionalGeneration
-from loracaptioner.remote_code.configuration_loracaptioner import LoraCaptionerConfig
-from loracaptioner.lora import ORIGINAL_LORA_TARGETS, decoder_lora_config, quiet_peft
+from loracaptioner import LoraCaptionerForConditionalGeneration  # noqa: E402
+from loracaptioner.lora import ORIGINAL_LORA_TARGETS, decoder_lora_config, quiet_peft  # noqa: E402
+from loracaptioner.remote_code.configuration_loracaptioner import LoraCaptionerConfig  # noqa: E402
+from loracaptioner.remote_code.modeling_loracaptioner import CAPTION_GENERATION_DEFAULTS  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Equal work for every model: greedy or beam, exactly `tokens` new tokens, no extra logits processors.
 EQUAL_WORK = {"do_sample": False, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "length_penalty": 1.0}
+PARITY = 0.05  # ratios within 5% of 1 are called parity: run-to-run noise on a shared machine is of that size
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+# The peers get the treatments of `loracaptioner caption`'s own flags (its int8 on its default dtype).
+PEER_FLAGS = ("default", "--dtype auto", "--quantize int8")
+PARTS = ("A", "B", "C", "D", "E", "F", "quality", "peers")
+NAIVE = "naive original (i)"
+OURS = "LoraCaptioner"
 
 
 # ----------------------------------------------------------------------------------------------------------- shapes
@@ -102,7 +115,7 @@ def t5_config(sh: dict) -> T5Config:
 
 # ----------------------------------------------------------------------------------------------------------- models
 def build_ours(sh: dict, dtype: torch.dtype = torch.float32, attn: str = "sdpa", device: str = "cpu"):
-    """LoraCaptioner through the same loading machinery as `from_pretrained(..., dtype=...)`."""
+    """LoraCaptioner built from its config (random weights), as `from_pretrained(..., dtype=...)` would set it up."""
     config = LoraCaptionerConfig(vision_config=CLIPVisionConfig(**sh["clip"]), text_config=t5_config(sh))
     return LoraCaptionerForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn).to(
         device
@@ -132,46 +145,94 @@ class NaiveOriginal(nn.Module):
         return self.t5.generate(encoder_outputs=encoder_outputs, **kwargs)
 
 
-def build_peers(sh: dict, dtype: torch.dtype, device: str) -> dict[str, nn.Module]:
+def build_peers(sh: dict) -> dict[str, nn.Module]:
+    """The three peers from their configs, fp32, random weights."""
     blip = BlipConfig(vision_config=sh["blip_vision"], text_config=sh["blip_text"])
     git = GitConfig(vision_config=sh["git_vision"], **sh["git_text"])
     vit_gpt2 = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
         ViTConfig(**sh["vit"]), GPT2Config(**sh["gpt2"], bos_token_id=0, eos_token_id=0)
     )
     vit_gpt2.decoder_start_token_id = vit_gpt2.pad_token_id = vit_gpt2.eos_token_id = 0
-    models = {
+    return {
         "BLIP-base (384 px)": BlipForConditionalGeneration(blip),
         "GIT-base": GitForCausalLM(git),
         "ViT + GPT-2": VisionEncoderDecoderModel(vit_gpt2),
     }
-    return {name: model.to(device=device, dtype=dtype).eval() for name, model in models.items()}
 
 
 def image_size(model: nn.Module) -> int:
     if isinstance(model, NaiveOriginal):
         return model.clip.config.image_size
-    if isinstance(model, LoraCaptionerForConditionalGeneration):
-        return model.config.vision_config.image_size
     if isinstance(model, VisionEncoderDecoderModel):
         return model.config.encoder.image_size
     return model.config.vision_config.image_size
 
 
-def quantize_int8(model: LoraCaptionerForConditionalGeneration, vision: bool = False):
-    """Dynamic int8 (in place) for every Linear of the T5 decoder and the LM head, and with `vision=True` of the CLIP
-    tower and CLIP's projection too (the bridge stays fp32): int8 weights, activations quantised at run time, fbgemm
-    kernels, CPU only. `torch.ao.quantization.quantize_dynamic` is deprecated in this torch (its successor is the
-    torchao package), so this is a measured benchmark option, not part of the model."""
-    names = ["decoder", "lm_head"] + (["encoder.vision_tower", "encoder.visual_projection"] if vision else [])
-    modules = dict(model.named_modules())
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"(?s).*torch\.ao\.quantization is deprecated")
-        warnings.filterwarnings("ignore", message=r"(?s).*quantize_per_tensor.*deprecated")
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-        from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
 
-        spec = {name: default_dynamic_qconfig for name in names if modules.get(name) is not None}
-        return quantize_dynamic(model, spec, mapping={nn.Linear: DynamicInt8Linear}, inplace=True)
+
+# ------------------------------------------------------------------------------------------------- shipped paths
+class Treatment:
+    """One way of loading a model: `from_pretrained` keyword arguments, or why it is not available here."""
+
+    def __init__(self, name: str, flag: str, kwargs: dict | None = None, missing: str | None = None):
+        self.name, self.flag, self.kwargs, self.missing = name, flag, kwargs or {}, missing
+
+    def key(self) -> tuple:
+        config = self.kwargs.get("quantization_config")
+        return self.kwargs.get("dtype"), None if config is None else repr(config.quant_type)
+
+
+def _torchao_missing() -> str | None:
+    return None if importlib.util.find_spec("torchao") else "torchao not installed"
+
+
+def shipped_treatments(device: str) -> list[Treatment]:
+    """The paths `loracaptioner caption` offers, as the `from_pretrained` arguments it passes: fp32 (`--dtype
+    float32`), `--dtype auto` (its default: `loracaptioner.loading.pick_dtype`), `--quantize int8` (torchao int8 through
+    `loracaptioner.quantization.quantization_config`, a transformers `TorchAoConfig`, on the `--dtype auto` weights)
+    and `--quantize int8 --dtype float32`."""
+    treatments = [Treatment("fp32", "default", {"dtype": torch.float32})]
+    try:
+        from loracaptioner.loading import pick_dtype
+
+        auto = pick_dtype("auto", torch.device(device))
+        treatments.append(Treatment(DTYPE_NAMES[auto], "--dtype auto", {"dtype": auto}))
+    except (ImportError, AttributeError) as error:
+        auto = torch.float32
+        treatments.append(Treatment("bf16", "--dtype auto", missing=f"not available ({error})"))
+    for dtype, flag in ((auto, "--quantize int8"), (torch.float32, "--quantize int8 --dtype float32")):
+        name = f"int8 on {DTYPE_NAMES[dtype]}"
+        if not device.startswith("cpu"):
+            treatments.append(Treatment(name, flag, missing="CPU only (`loracaptioner caption` refuses it on a GPU)"))
+            continue
+        try:
+            from loracaptioner.quantization import quantization_config
+
+            config = quantization_config("int8")
+        except (ImportError, AttributeError, ValueError) as error:
+            why = _torchao_missing() or f"not available ({type(error).__name__}: {error})"
+            treatments.append(Treatment(name, flag, missing=why))
+            continue
+        treatments.append(Treatment(name, flag, {"dtype": dtype, "quantization_config": config}))
+    return treatments
+
+
+def describe(treatment: Treatment) -> str:
+    parts = []
+    for key, value in treatment.kwargs.items():
+        if isinstance(value, torch.dtype):
+            parts.append(f"{key}=torch.{str(value).removeprefix('torch.')}")
+        else:  # a TorchAoConfig
+            parts.append(f"{key}=TorchAoConfig({type(value.quant_type).__name__}(), "
+                         f"modules_to_not_convert={value.modules_to_not_convert})")
+    return ", ".join(parts) or "–"
+
+
+def load_saved(cls, folder: str, treatment: Treatment, device: str) -> nn.Module:
+    """`cls.from_pretrained(folder, **treatment)`: what a user runs."""
+    return cls.from_pretrained(folder, device_map=device, **treatment.kwargs).eval()
 
 
 # ------------------------------------------------------------------------------------------------------- measuring
@@ -184,15 +245,33 @@ def progress(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def median_seconds(fn, repeats: int, device: str) -> float:
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed(fn, device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved(calls: dict, repeats: int, device: str, label: str = "", warmups: dict | None = None
+                ) -> dict[str, list[float]]:
+    """Seconds of each call: a full-length warm-up each (its seconds into `warmups`), then `repeats` rounds over all
+    calls, the order rotated by one from round to round (so no row is always first, or always right after the same
+    neighbour)."""
+    names = list(calls)
+    for name in names:
+        warm = timed(calls[name], device)
+        if warmups is not None:
+            warmups[name] = warm
+        progress(f"{label} warm-up {name}: {warm:.2f} s")
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(timed(calls[name], device))
+        progress(f"{label} round {round_ + 1}/{repeats}: "
+                 + ", ".join(f"{name} {times[name][-1]:.2f}" for name in names))
+    return times
 
 
 def caption_call(model: nn.Module, pixel_values: torch.Tensor, tokens: int, beams: int = 1, **extra):
@@ -201,33 +280,25 @@ def caption_call(model: nn.Module, pixel_values: torch.Tensor, tokens: int, beam
         return model.generate(pixel_values=pixel_values, **kwargs)
 
 
+def shipped_defaults_call(model: nn.Module, pixel_values: torch.Tensor):
+    """generate() as a user gets it: LoraCaptioner's saved generation config; the naive model is given the same."""
+    kwargs = {} if isinstance(model, LoraCaptionerForConditionalGeneration) else dict(
+        CAPTION_GENERATION_DEFAULTS, do_sample=False, num_beams=1)
+    with torch.inference_mode():
+        return model.generate(pixel_values=pixel_values, **kwargs)
+
+
 def pixels(model: nn.Module, batch: int, device: str, seed: int = 0) -> torch.Tensor:
     size = image_size(model)
     generator = torch.Generator().manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    return torch.randn(batch, 3, size, size, generator=generator).to(device=device, dtype=dtype)
-
-
-def time_captioning(model, batch: int, tokens: int, beams: int, repeats: int, device: str) -> float:
-    """Median seconds for one generate() call on `batch` images, after a small warm-up call."""
-    caption_call(model, pixels(model, 1, device), 2, beams)
-    px = pixels(model, batch, device)
-    return median_seconds(lambda: caption_call(model, px, tokens, beams), repeats, device)
+    return torch.randn(batch, 3, size, size, generator=generator).to(device=device, dtype=model_dtype(model))
 
 
 def matmul_flops(device: str, dtype: torch.dtype, size: int, repeats: int) -> float:
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
-    return 2 * size**3 / median_seconds(lambda: a @ b, repeats, device)
-
-
-def vision_flops(model: LoraCaptionerForConditionalGeneration, px: torch.Tensor) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model.encoder(px)
-    return counter.get_total_flops()
+    return 2 * size**3 / statistics.median(timed(lambda: a @ b, device) for _ in range(repeats))
 
 
 def train_step_fn(kind: str, sh: dict, batch: int, device: str, seed: int = 0):
@@ -289,98 +360,39 @@ def _reset_peak(device: str) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
 
 
-def probe(kind: str, args) -> dict:
-    """Run in a fresh process: build one model (peak while loading), then reset the peak and run one workload (peak
-    while running, the resident model included). Peak RSS on CPU, peak allocated memory on CUDA."""
+def probe(spec: dict, args) -> dict:
+    """In a fresh process: load one model (naive: built from its config; LoraCaptioner: `from_pretrained` of the saved
+    folder with a shipped treatment), then one batch-`--batch` greedy caption call. Peak RSS on CPU (peak allocated
+    memory on CUDA): after loading, while running (the peak reset after loading, the resident model included)."""
     device, sh = args.device, shapes(args.tiny)
-    _reset_peak(device)
     result = {"interpreter_bytes": _peak_bytes(device)}
-    if kind.startswith("train-"):
-        step = train_step_fn(kind.removeprefix("train-"), sh, args.train_batch, device)
-        result["load_bytes"] = _peak_bytes(device)
-        _reset_peak(device)
-        step()
+    if spec["model"] == NAIVE:
+        model = NaiveOriginal(sh).to(device).eval()
     else:
-        if kind == "naive":
-            model = NaiveOriginal(sh).to(device).eval()
-        else:
-            model = build_ours(sh, dtype=DTYPES["bf16" if kind == "ours-bf16" else "fp32"], device=device)
-            if kind.startswith("ours-int8"):
-                quantize_int8(model, vision=kind == "ours-int8-all")
-        result["load_bytes"] = _peak_bytes(device)
-        _reset_peak(device)
-        caption_call(model, pixels(model, args.batch, device), args.tokens)
+        treatment = next(t for t in shipped_treatments(device) if t.flag == spec["flag"])
+        model = load_saved(LoraCaptionerForConditionalGeneration, spec["folder"], treatment, device)
+    result["load_bytes"] = _peak_bytes(device)
+    _reset_peak(device)
+    caption_call(model, pixels(model, args.batch, device), args.tokens)
     result["run_bytes"] = _peak_bytes(device)
     return result
 
 
-def measure_memory(kind: str, args) -> dict:
-    command = [sys.executable, __file__, "--probe", kind, "--device", args.device, "--batch", str(args.batch),
-               "--tokens", str(args.tokens), "--train-batch", str(args.train_batch)] + (["--tiny"] if args.tiny else [])
+def measure_memory(spec: dict, args) -> dict:
+    command = [sys.executable, __file__, "--probe", json.dumps(spec), "--device", args.device, "--batch",
+               str(args.batch), "--tokens", str(args.tokens), "--threads", str(args.threads)]
+    command += ["--tiny"] if args.tiny else []
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
     if result.returncode:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-# -------------------------------------------------------------------------------------------------- preprocessing
-def torch_preprocess(images, size: int, mean, std) -> torch.Tensor:
-    """CLIP's transform in torch (resize shortest edge, bicubic + antialias, centre crop, normalise); images of one
-    size are stacked and resized in one call (grouped by size)."""
-    groups: dict[tuple, list[int]] = {}
-    for index, image in enumerate(images):
-        groups.setdefault(image.size, []).append(index)
-    out = torch.empty(len(images), 3, size, size)
-    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    for (width, height), indices in groups.items():
-        batch = torch.from_numpy(np.stack([np.asarray(images[i].convert("RGB")) for i in indices]))
-        batch = batch.permute(0, 3, 1, 2).float()
-        scale = size / min(width, height)
-        new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-        batch = nn.functional.interpolate(batch, size=(new_h, new_w), mode="bicubic", antialias=True,
-                                          align_corners=False)
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        batch = batch[:, :, top : top + size, left : left + size].clamp(0, 255) / 255.0
-        out[indices] = (batch - mean) / std
-    return out
-
-
-def preprocessing_rows(size: int, repeats: int) -> list[dict]:
-    from PIL import Image
-    from transformers import CLIPImageProcessorPil
-
-    from loracaptioner.remote_code.processing_loracaptioner import to_rgb_image
-
-    rng = np.random.default_rng(0)
-    mixed = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in
-             [(480, 640), (640, 480), (375, 500), (500, 333), (427, 640), (640, 427), (512, 512), (480, 640)]]
-    same = [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(8)]
-    clip_pil = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    candidates = {"CLIPImageProcessorPil (+ to_rgb_image, as LoraCaptionerProcessor)":
-                  lambda ims: clip_pil([to_rgb_image(im) for im in ims], return_tensors="pt")["pixel_values"],
-                  "torch: bicubic+antialias, grouped by size":
-                  lambda ims: torch_preprocess(ims, size, clip_pil.image_mean, clip_pil.image_std)}
-    if importlib.util.find_spec("torchvision") is not None:  # transformers' default (torchvision) backend
-        from transformers import CLIPImageProcessor
-
-        clip_tv = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        candidates["CLIPImageProcessor (torchvision backend)"] = lambda ims: clip_tv(ims, return_tensors="pt")[
-            "pixel_values"]
-    reference = candidates[next(iter(candidates))](mixed)
-    rows = []
-    for name, fn in candidates.items():
-        row = {"name": name, "max_abs_diff": float((fn(mixed) - reference).abs().max())}
-        for label, images in [("b1", mixed[:1]), ("b8 mixed sizes", mixed), ("b8 same size", same)]:
-            fn(images)
-            row[label] = 1000 * median_seconds(lambda fn=fn, images=images: fn(images), repeats, "cpu") / len(images)
-        rows.append(row)
-    return rows
-
-
 # ------------------------------------------------------------------------------------------------------- quality
-def quality_guard(model_dir: str, data_dir: str, device: str, batch: int = 16) -> dict:
-    """Greedy captions (the saved generation defaults) of the fast paths vs the fp32 reference path (eager attention)
-    on every held-out image: share of identical captions."""
+def identical_captions(model_dir: str, data_dir: str, treatments: list[Treatment], device: str,
+                       batch: int = 32) -> tuple[int, dict[str, float]]:
+    """Greedy captions with the saved generation defaults, each treatment vs fp32 (the default load), on every image
+    of an imagefolder (metadata.jsonl + files): the share of identical captions."""
     from PIL import Image
 
     from loracaptioner import LoraCaptionerProcessor
@@ -393,284 +405,574 @@ def quality_guard(model_dir: str, data_dir: str, device: str, batch: int = 16) -
         out = []
         for i in range(0, len(images), batch):
             inputs = processor(images=images[i : i + batch]).to(device)
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+            inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype(model))
             with torch.inference_mode():
                 out += processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)
         return out
 
-    def load(**kwargs):
-        return LoraCaptionerForConditionalGeneration.from_pretrained(model_dir, **kwargs).to(device).eval()
-
-    reference = captions(load(attn_implementation="eager"))
-    variants = {
-        "fp32, SDPA (default)": load(),
-        "bf16 (`dtype=torch.bfloat16`)": load(dtype=torch.bfloat16),
-    }
-    if device == "cpu":
-        variants["fp32 + dynamic int8 decoder"] = quantize_int8(load())
-        variants["fp32 + dynamic int8 decoder & vision"] = quantize_int8(load(), vision=True)
-    result = {"images": len(images)}
-    for name, model in variants.items():
-        fast = captions(model)
-        result[name] = sum(a == b for a, b in zip(fast, reference)) / len(reference)
-    return result
+    reference = captions(load_saved(LoraCaptionerForConditionalGeneration, model_dir, treatments[0], device))
+    shares = {}
+    for treatment in treatments[1:]:
+        fast = captions(load_saved(LoraCaptionerForConditionalGeneration, model_dir, treatment, device))
+        shares[treatment.flag] = sum(a == b for a, b in zip(fast, reference)) / len(reference)
+    return len(images), shares
 
 
-def static_cache_and_compile(model, px, tokens: int, repeats: int, device: str, base_seconds: float) -> str:
-    """generate() with a static cache, then with a static cache + torch.compile of the decoding step (transformers
-    compiles automatically only on GPUs; `_compile_all_devices` asks for it on this device too)."""
-    from transformers.generation.configuration_utils import CompileConfig
+def next_token_agreement(models: dict[str, nn.Module], reference: nn.Module, vocab: int, device: str,
+                         images: int = 64, tokens: int = 20, chunk: int = 16) -> dict[str, float]:
+    """Teacher forcing on random pixels and random caption tokens: the share of positions where each model's top-1
+    next token is the reference's (`images` x `tokens` positions)."""
+    generator = torch.Generator().manual_seed(1)
+    px = torch.randn(images, 3, image_size(reference), image_size(reference), generator=generator)
+    ids = torch.randint(2, vocab, (images, tokens), generator=generator)
+    ids[:, 0] = reference.generation_config.decoder_start_token_id or 0
 
-    static = dict(cache_implementation="static")
-    caption_call(model, px, tokens, **static)
-    static_seconds = median_seconds(lambda: caption_call(model, px, tokens, **static), repeats, device)
-    compile_config = CompileConfig(fullgraph=True)
-    compile_config._compile_all_devices = True
-    compiled = dict(static, compile_config=compile_config)
-    start = time.perf_counter()
-    caption_call(model, px, tokens, **compiled)
-    compile_seconds = time.perf_counter() - start
-    compiled_seconds = median_seconds(lambda: caption_call(model, px, tokens, **compiled), repeats, device)
-    return (f"static cache: {1000 * static_seconds:.0f} ms, static cache + torch.compile: "
-            f"{1000 * compiled_seconds:.0f} ms (first call, compiling: {compile_seconds:.0f} s) vs dynamic cache "
-            f"{1000 * base_seconds:.0f} ms per A batch ({base_seconds / compiled_seconds:.2f}× with compile).")
+    def top1(model) -> torch.Tensor:
+        out = []
+        with torch.inference_mode():
+            for i in range(0, images, chunk):
+                logits = model(pixel_values=px[i : i + chunk].to(device, model_dtype(model)),
+                               decoder_input_ids=ids[i : i + chunk].to(device)).logits
+                out.append(logits.argmax(-1).cpu())
+        return torch.cat(out)
 
-
-def cross_attention_projections_per_generate(sh: dict, tokens: int) -> dict:
-    """How often each decoder layer's cross-attention key projection runs in one greedy generate()."""
-    model = build_ours(sh)
-    calls = []
-    hooks = [block.layer[1].EncDecAttention.k.register_forward_hook(lambda *_: calls.append(1))
-             for block in model.decoder.block]
-    caption_call(model, pixels(model, 2, "cpu"), tokens)
-    for hook in hooks:
-        hook.remove()
-    return {"layers": len(model.decoder.block), "calls": len(calls), "steps": tokens}
+    expected = top1(reference)
+    return {name: (top1(model) == expected).float().mean().item() for name, model in models.items()}
 
 
-# ------------------------------------------------------------------------------------------------------------ main
+# ------------------------------------------------------------------------------------------------------- machine
+def lscpu() -> dict:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return {}
+    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in text.splitlines())}
+
+
 def machine(device: str) -> dict:
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
     import transformers
 
-    info["transformers"] = transformers.__version__
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line)
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
-    info["cpu capability (torch)"] = torch.backends.cpu.get_cpu_capability()
+    cpu = lscpu()
+    flags = set(cpu.get("Flags", "").split())
+    info = {
+        "cpu": cpu.get("Model name", platform.processor()),
+        "ISA flags (lscpu)": " ".join(f"{flag}{'+' if flag in flags else '-'}" for flag in ISA_FLAGS),
+        "torch cpu capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "cores (os)": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    for package in ("peft", "torchao"):
+        info[package] = _version(package)
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
-    info["load average (1 min) at start"] = round(os.getloadavg()[0], 2)
     return info
 
 
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def load_average() -> str:
+    return " / ".join(f"{value:.2f}" for value in os.getloadavg()) + " (1 / 5 / 15 min)"
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+def ratio(value: float | None) -> str:
+    """A ratio as printed: within 5% of 1 it is parity."""
+    if value is None:
+        return "–"
+    return f"parity ({value:.2f}×)" if abs(value - 1) <= PARITY else f"{value:.2f}×"
+
+
+class Report:
+    """Markdown lines, printed as they come and rewritten to `path` after every section (a run cut short keeps what
+    it measured)."""
+
+    def __init__(self, path: str | None = None):
+        self.lines: list[str] = []
+        self.path = path
+
+    def save(self) -> None:
+        if self.path:
+            Path(self.path).write_text(self.text())
+
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def table(self, header: list[str], rows: list[list]) -> None:
+        self("| " + " | ".join(header) + " |")
+        self("|" + "---|" * len(header))
+        for row in rows:
+            self("| " + " | ".join(str(cell) for cell in row) + " |")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+class Row:
+    """One timed row: seconds per call (all repeats)."""
+
+    def __init__(self, workload: str, model: str, treatment: str, batch: int, times: list[float], note: str = ""):
+        self.workload, self.model, self.treatment, self.batch, self.times = workload, model, treatment, batch, times
+        self.note = note
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.batch / self.seconds
+
+
+# -------------------------------------------------------------------------------------------------------- workloads
+def captioning(report: Report, args, workload: str, batch: int, beams: int, models: dict, repeats: int,
+               extra_calls: dict | None = None) -> list[Row]:
+    """Time every model on one workload, interleaved; `models`: (model, treatment) -> module."""
+    calls, inputs = {}, {}
+    for (name, treatment), model in models.items():
+        px = pixels(model, batch, args.device)
+        inputs[(name, treatment)] = px
+        calls[(name, treatment)] = lambda model=model, px=px: caption_call(model, px, args.tokens, beams)
+    written: dict[tuple, int] = {}  # new tokens of the extra calls, which may stop before their limit
+    for key, (model, call) in (extra_calls or {}).items():
+        px = pixels(model, batch, args.device)
+        calls[key] = lambda key=key, model=model, px=px, call=call: written.__setitem__(key, new_tokens(call(model, px)))
+    labelled = {f"{name} {treatment}": call for (name, treatment), call in calls.items()}
+    times = interleaved(labelled, repeats, args.device, label=workload)
+    return [Row(workload, name, treatment + (f" ({written[name, treatment]} new tokens)" if (name, treatment) in
+                                             written else ""), batch, times[f"{name} {treatment}"])
+            for name, treatment in calls]
+
+
+def new_tokens(ids: torch.Tensor) -> int:
+    """New tokens in generate()'s output of an encoder-decoder model (the decoder start token is not new)."""
+    return ids.shape[1] - 1
+
+
+def render_captioning(report: Report, rows: list[Row]) -> None:
+    naive = {row.workload: row.seconds for row in rows if row.model == NAIVE and row.treatment == "fp32"}
+    ours_fp32 = {row.workload: row.seconds for row in rows if row.model == OURS and row.treatment == "fp32 (default)"}
+    report.table(
+        ["workload", "model", "treatment", "images/s", "ms per call (median)", "min–max ms", "× naive fp32",
+         "× LoraCaptioner fp32"],
+        [[row.workload, row.model, row.treatment, f"{row.images_per_second:.2f}", f"{1000 * row.seconds:.0f}",
+          f"{1000 * min(row.times):.0f}–{1000 * max(row.times):.0f}",
+          ratio(naive[row.workload] / row.seconds) if row.workload in naive else "–",
+          ratio(ours_fp32[row.workload] / row.seconds) if row.workload in ours_fp32 else "–"] for row in rows],
+    )
+
+
+def peer_comparisons(rows: list[Row], shipped: list[str]) -> list[list]:
+    """A: each treatment's fastest LoraCaptioner path vs the fastest peer with the same treatment."""
+    out = []
+    for treatment in shipped:
+        ours = [row for row in rows if row.workload == "A" and row.model == OURS and "decoding defaults" not in
+                row.treatment and treatment_of(row.treatment) == treatment]
+        peers = [row for row in rows if row.workload == "A" and row.model not in (OURS, NAIVE)
+                 and row.treatment == treatment]
+        if ours and peers:
+            peer = min(peers, key=lambda row: row.seconds)
+            out.append([treatment, f"{ours[0].images_per_second:.2f}", f"{peer.model} {peer.images_per_second:.2f}",
+                        ratio(peer.seconds / ours[0].seconds)])
+    return out
+
+
+def run_epoch_cache(report: Report, args) -> dict | None:
+    path = REPO / "bench" / "epoch_cache.py"
+    spec = importlib.util.spec_from_file_location("loracaptioner_epoch_cache", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "measure"):
+        report("E: not available (bench/epoch_cache.py has no `measure()` yet).")
+        return None
+    result = module.measure(images=args.epoch_images, epochs=3, batch_size=8, tiny=args.tiny)
+    report(module.markdown(result))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------ main
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--quick", action="store_true", help="one repeat per row, no peers in bf16: a smoke run")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes for every model (CI smoke test)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 2, batch-1 rows 3x as many; --quick 1)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=20)
-    parser.add_argument("--train-batch", type=int, default=16)
-    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
-                        help="bf16 model rows; auto: only where this device's bf16 matmul is at least half as fast "
-                             "as fp32 (on a CPU without AVX-512-BF16/AMX it is ~100x slower)")
-    parser.add_argument("--skip", default="",
-                        help="comma-separated parts to skip: peers,train,memory,beam,means,compile,prep")
-    parser.add_argument("--quality-model", default=None, help="a trained LoraCaptioner folder")
-    parser.add_argument("--quality-data", default=None, help="held-out imagefolder (images + metadata.jsonl)")
-    parser.add_argument("--markdown", default=None, help="also write the results as markdown to this file")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--quick", action="store_true", help="one repeat per row: a smoke run")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes for every model: seconds (tests)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per workload (default 3; --quick 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own, all cores; --tiny: 1, as tiny matmuls only wait "
+                             "for each other on a busy machine)")
+    parser.add_argument("--batch", type=int, default=8, help="A and C batch size (default 8)")
+    parser.add_argument("--tokens", type=int, default=20, help="new tokens per caption, forced (default 20)")
+    parser.add_argument("--train-batch", type=int, default=16, help="D batch size (default 16)")
+    parser.add_argument("--train-autocast", action="store_true", help="D: also bf16 autocast rows")
+    parser.add_argument("--compile", action="store_true",
+                        help="A, B: also the fastest shipped path with a static cache, and with static cache + "
+                             "torch.compile (transformers compiles generate() by itself only on GPUs)")
+    parser.add_argument("--epoch-images", type=int, default=64, help="E: images per epoch (default 64)")
+    parser.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {','.join(PARTS)}")
+    parser.add_argument("--quality-model", default=None, help="a trained LoraCaptioner folder (outputs/demo/model)")
+    parser.add_argument("--quality-data", default=None, help="its held-out imagefolder (images + metadata.jsonl)")
+    parser.add_argument("--markdown", default=None, help="write the results as markdown to this file")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
-
-
-def fmt(value, digits=2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+    args = parser.parse_args(argv)
+    args.skip = {part.strip() for part in args.skip.split(",") if part.strip()}
+    unknown = {part for part in args.skip if part not in PARTS}
+    if unknown:
+        parser.error(f"--skip: unknown part(s) {', '.join(sorted(unknown))}; choose from {','.join(PARTS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.threads = args.threads or (1 if args.tiny else torch.get_num_threads())
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def main(argv=None) -> str:
     args = parse_args(argv)
     if args.probe:
-        print(json.dumps(probe(args.probe, args)))
+        print(json.dumps(probe(json.loads(args.probe), args)))
         return ""
-    repeats = args.repeats or (1 if args.quick else 2)
-    skip = set(filter(None, args.skip.split(",")))
-    device, sh = args.device, shapes(args.tiny)
+    device, sh, repeats, skip = args.device, shapes(args.tiny), args.repeats, args.skip
     torch.manual_seed(0)
-    lines: list[str] = []
-
-    def emit(text: str = "") -> None:
-        print(text, flush=True)
-        lines.append(text)
-
+    transformers_logging.disable_progress_bar()  # "Loading weights" bars, one per from_pretrained
+    report = Report(args.markdown)
     started = time.perf_counter()
-    info = machine(device)
+    sections: dict[str, float] = {}
+
+    def section_done(name: str, since: float) -> float:
+        sections[name] = time.perf_counter() - since
+        report.save()
+        return time.perf_counter()
+
     label = "tiny shapes" if args.tiny else "full-size shapes (CLIP ViT-B/16 @224 + Flan-T5-base decoder)"
-    emit(f"# LoraCaptioner benchmark — {label}{', --quick' if args.quick else ''}")
-    emit()
-    emit(" · ".join(f"{k}: {v}" for k, v in info.items()))
-    emit(f"\nbatch {args.batch}, {args.tokens} new tokens forced, medians over {repeats} repeat(s); random weights.")
+    report(f"# LoraCaptioner benchmark — {label}{', --quick' if args.quick else ''}")
+    report()
+    report("This file is the output of one run of `bench/bench.py`, regenerated, never edited:")
+    report()
+    report("```")
+    pythonpath = os.environ.get("PYTHONPATH")
+    report(("PYTHONPATH=" + pythonpath + " " if pythonpath else "") + "python bench/bench.py "
+           + " ".join(shlex.quote(arg) for arg in (sys.argv[1:] if argv is None else argv)))
+    report("```")
+    report()
+    report(f"Started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; load average at start {load_average()}.")
+    report()
+    report("| machine | |")
+    report("|---|---|")
+    for key, value in machine(device).items():
+        report(f"| {key} | {value} |")
 
+    now = time.perf_counter()
     size = 256 if args.tiny else 1024 if device == "cpu" else 4096
-    flops = {name: matmul_flops(device, dtype, size, max(repeats, 3)) for name, dtype in DTYPES.items()}
-    bf16_rows = args.bf16 == "on" or (args.bf16 == "auto" and flops["bf16"] >= 0.5 * flops["fp32"])
-    emit(f"\nmatmul {size}x{size}: fp32 {flops['fp32'] / 1e9:.1f} GFLOP/s, bf16 {flops['bf16'] / 1e9:.1f} GFLOP/s"
-         f" → bf16 model rows {'run' if bf16_rows else 'skipped (bf16 slower than fp32 here; --bf16 on forces them)'}")
+    flops = {name: matmul_flops(device, dtype, size, 5) for name, dtype in (("fp32", torch.float32),
+                                                                            ("bf16", torch.bfloat16))}
+    report(f"| matmul {size}² ({device}) | fp32 {flops['fp32'] / 1e9:.0f} GFLOP/s, bf16 {flops['bf16'] / 1e9:.0f} "
+           f"GFLOP/s: bf16 {flops['bf16'] / flops['fp32']:.2f}× fp32 |")
+    try:
+        from loracaptioner.loading import bf16_speedup
 
-    # ---- A/B/C: captioning
+        report(f"| `loracaptioner.loading.bf16_speedup` (what `--dtype auto` decides on) | "
+               f"{bf16_speedup(torch.device(device)):.2f}× |")
+    except ImportError:
+        report("| `loracaptioner.loading.bf16_speedup` | not available |")
+    now = section_done("machine", now)
+
+    # ---- the rows: LoraCaptioner's shipped paths, the naive rebuild, the peers with each treatment
+    treatments = shipped_treatments(device)
+    usable = []
+    for treatment in treatments:
+        if treatment.missing is None and all(t.key() != treatment.key() for t in usable):
+            usable.append(treatment)
+    report()
+    report("LoraCaptioner's shipped paths, each `from_pretrained(folder, ...)` of one saved model:")
+    report()
+    report("| path | `from_pretrained` arguments | timed |")
+    report("|---|---|---|")
+    for treatment in treatments:
+        arguments = describe(treatment)
+        status = (treatment.missing or ("yes" if treatment in usable else "same arguments as a row above"))
+        report(f"| {treatment.flag} | {arguments} | {status} |")
+
+    workdir = tempfile.TemporaryDirectory(prefix="loracaptioner-bench-")
+    ours_dir = str(Path(workdir.name) / "loracaptioner")
+    build_ours(sh).save_pretrained(ours_dir)
+    gc.collect()
+    ours = {f"{t.name} ({t.flag})": load_saved(LoraCaptionerForConditionalGeneration, ours_dir, t, device)
+            for t in usable}
+    fp32_label = next(iter(ours))
+    auto_label = next((f"{t.name} ({t.flag})" for t in usable if t.flag == "--dtype auto"), fp32_label)
+    shipped_labels = list(ours)
     naive = NaiveOriginal(sh).to(device).eval()
-    candidates = {("LoraCaptioner", "fp32"): build_ours(sh, device=device)}
-    if bf16_rows:
-        candidates[("LoraCaptioner", "bf16")] = build_ours(sh, dtype=torch.bfloat16, device=device)
-    if device == "cpu":  # torch's dynamic int8 kernels are CPU kernels
-        candidates[("LoraCaptioner", "fp32 + int8 decoder")] = quantize_int8(build_ours(sh, device=device))
-        candidates[("LoraCaptioner", "fp32 + int8 decoder & vision")] = quantize_int8(build_ours(sh, device=device),
-                                                                                     vision=True)
-    rows = []
-    base = {}
-    for workload, batch, beams in [("A throughput", args.batch, 1), ("B latency", 1, 1), ("C beam 4", args.batch, 4)]:
-        if workload.startswith("C") and "beam" in skip:
-            continue
-        repeats_here = repeats * 3 if batch == 1 else repeats
-        base[workload] = time_captioning(naive, batch, args.tokens, beams, repeats_here, device)
-        progress(f"{workload}: naive {base[workload]:.2f} s")
-        rows.append((workload, "naive original (i)", "fp32", batch, base[workload]))
-        for (name, precision), model in candidates.items():
-            seconds = time_captioning(model, batch, args.tokens, beams, repeats_here, device)
-            rows.append((workload, name, precision, batch, seconds))
-            progress(f"{workload}: {name} {precision} {seconds:.2f} s")
-            if workload.startswith("A") and (name, precision) == ("LoraCaptioner", "fp32"):
-                caption_seconds = seconds
-        if workload.startswith("A") and "peers" not in skip:
-            for precision in ["fp32"] + (["bf16"] if bf16_rows else []):
-                for name, peer in build_peers(sh, DTYPES[precision], device).items():
-                    rows.append((workload, name, precision, batch,
-                                 time_captioning(peer, batch, args.tokens, 1, repeats, device)))
-                    progress(f"{workload}: {name} {precision} {rows[-1][-1]:.2f} s")
-                    del peer
-                gc.collect()
-    emit("\n## Captioning (A: batch 8 greedy, B: batch 1 greedy, C: beam 4 batch 8)\n")
-    emit("| workload | model | precision | images/s | ms / batch | ratio to naive (i) |")
-    emit("|---|---|---|---|---|---|")
-    for workload, name, precision, batch, seconds in rows:
-        emit(f"| {workload} | {name} | {precision} | {batch / seconds:.2f} | {1000 * seconds:.0f} | "
-             f"{base[workload] / seconds:.2f}× |")
-    peers_a = [(seconds, f"{name} {precision}") for workload, name, precision, _, seconds in rows
-               if workload.startswith("A") and name not in ("naive original (i)", "LoraCaptioner")]
-    ours_a = [(seconds, precision) for workload, name, precision, _, seconds in rows
-              if workload.startswith("A") and name == "LoraCaptioner"]
-    if peers_a:
-        (peer_seconds, peer), (best_seconds, best) = min(peers_a), min(ours_a)
-        fastest = (f"A: the fastest peer is {peer}; the fastest LoraCaptioner ({best}) has "
-                   f"{peer_seconds / best_seconds:.2f}× its throughput")
-    if not bf16_rows:
-        emit("| A throughput | every model | bf16 | skipped: bf16 matmul "
-             f"{flops['fp32'] / max(flops['bf16'], 1):.0f}× slower than fp32 on this device | | |")
-
-    if peers_a:
-        emit(f"\n{fastest}")
-
-    # ---- vision encoder efficiency
-    ours = candidates[("LoraCaptioner", "fp32")]
-    px = pixels(ours, args.batch, device)
-    with torch.inference_mode():
-        ours.encoder(px)
-        vision_seconds = median_seconds(lambda: ours.encoder(px), repeats, device)
-    achieved = vision_flops(ours, px) / vision_seconds
-    emit(f"\nvision encoder (batch {args.batch}, fp32): {1000 * vision_seconds:.0f} ms, "
-         f"{achieved / 1e9:.1f} GFLOP/s = {achieved / flops['fp32']:.0%} of the fp32 matmul rate")
-
-    # ---- D: training
-    if "train" not in skip:
-        emit(f"\n## D: LoRA training step (batch {args.train_batch}, r=8, alpha=16, dropout 0.1, 7 targets, Adam)\n")
-        emit("| model | precision | images/s | s / step | ratio to naive |")
-        emit("|---|---|---|---|---|")
-        train = {}
-        for kind in ("naive", "ours"):
-            step = train_step_fn(kind, sh, args.train_batch, device)
-            step()
-            train[kind] = median_seconds(step, repeats, device)
-            progress(f"D: {kind} {train[kind]:.2f} s/step")
-            del step
+    peers: dict[tuple[str, str], nn.Module] = {}
+    if "peers" not in skip and "A" not in skip:
+        for name, peer in build_peers(sh).items():
+            folder = str(Path(workdir.name) / name.replace(" ", "_"))
+            peer.save_pretrained(folder)
+            del peer
+            for treatment in (t for t in usable if t.flag in PEER_FLAGS):
+                peers[(name, treatment.name)] = load_saved(type_of_peer(name), folder, treatment, device)
             gc.collect()
-        for kind, name in (("naive", "naive original (i)"), ("ours", "LoraCaptioner")):
-            emit(f"| {name} | fp32 | {args.train_batch / train[kind]:.2f} | {train[kind]:.2f} | "
-                 f"{train['naive'] / train[kind]:.2f}× |")
-        emit("| LoraCaptioner, cached vision features (E, bench/epoch_cache.py) | | to be filled by the lead | | |")
+    now = section_done("loading", now)
+    report(f"\nbatch {args.batch} (A, C) and 1 (B), {args.tokens} new tokens forced (`min_new_tokens = "
+           f"max_new_tokens`, no repetition processors), so every row does equal work; {repeats} timed round(s) per "
+           "workload after a full-length warm-up of every row, order rotated per round; medians; random weights.")
 
-    # ---- F: memory, each in a fresh process
-    if "memory" not in skip:
-        emit("\n## F: peak memory (a fresh process per row; CPU: peak RSS, the interpreter with torch included)\n")
-        emit("| workload | model | peak MiB while running | ratio to naive | peak MiB while loading | interpreter MiB |")
-        emit("|---|---|---|---|---|---|")
-        kinds = [("inference", "naive", "naive original (i), fp32"), ("inference", "ours-fp32", "LoraCaptioner fp32")]
-        if device == "cpu":
-            kinds += [("inference", "ours-int8", "LoraCaptioner fp32 + int8 decoder"),
-                      ("inference", "ours-int8-all", "LoraCaptioner fp32 + int8 decoder & vision")]
-        if bf16_rows:
-            kinds.append(("inference", "ours-bf16", "LoraCaptioner bf16"))
-        if "train" not in skip:
-            kinds += [("training", "train-naive", "naive original (i), fp32"),
-                      ("training", "train-ours", "LoraCaptioner fp32")]
-        peaks = {}
-        for workload, kind, name in kinds:
-            result = measure_memory(kind, args)
-            progress(f"F: {kind} {result}")
+    rows: list[Row] = []
+    models = {(NAIVE, "fp32"): naive, **{(OURS, label): model for label, model in ours.items()}}
+    fastest_label = fp32_label
+    if "A" not in skip:
+        default_label = next(label for label in reversed(ours) if label in (fp32_label, auto_label))
+        extra = {(OURS, f"{default_label}, shipped decoding defaults"): (ours[default_label], shipped_defaults_call)}
+        extra[(NAIVE, "fp32, shipped decoding defaults")] = (naive, shipped_defaults_call)
+        rows += captioning(report, args, "A", args.batch, 1, {**models, **peers}, repeats, extra)
+        a_ours = [row for row in rows if row.workload == "A" and row.model == OURS and row.treatment in ours]
+        fastest_label = min(a_ours, key=lambda row: row.seconds).treatment
+        now = section_done("A", now)
+    peers.clear()
+    gc.collect()
+    if "B" not in skip:
+        rows += captioning(report, args, "B", 1, 1, models, repeats * 2)
+        now = section_done("B", now)
+    if "C" not in skip:
+        rows += captioning(report, args, "C", args.batch, 4, models, repeats)
+        now = section_done("C", now)
+    compile_notes: list[str] = []
+    if args.compile and not {"A", "B"} <= skip:
+        compiled, compile_notes = compile_rows(args, ours[fastest_label], fastest_label, repeats, skip)
+        rows += compiled
+        now = section_done("compile", now)
+
+    if rows:
+        report("\n## Captioning: A batch 8 greedy, B batch 1 greedy, C beam 4 batch 8\n")
+        render_captioning(report, rows)
+        if "A" not in skip:
+            report(f"\nShipped decoding defaults: the saved generation config ({CAPTION_GENERATION_DEFAULTS}, "
+                   "greedy; the naive model is given the same), which stops at `</s>` or the limit; new tokens in "
+                   "brackets (random weights rarely write `</s>`).")
+        for note in compile_notes:
+            report(f"\n{note}.")
+        comparisons = peer_comparisons(rows, [t.name for t in usable])
+        if comparisons:
+            report("\nA, like for like: each treatment's LoraCaptioner row vs the fastest peer with the same "
+                   "treatment (the same `from_pretrained` arguments)\n")
+            report.table(["treatment", "LoraCaptioner images/s", "fastest peer, images/s", "LoraCaptioner × peer"],
+                         comparisons)
+
+    # ---- quality guards (the loaded models are reused)
+    quality: dict = {}
+    if "quality" not in skip:
+        report("\n## Quality guards\n")
+        others = {label: model for label, model in ours.items() if label != fp32_label}
+        if others:
+            quality["top1"] = next_token_agreement(others, ours[fp32_label], sh["t5"]["vocab_size"], device)
+            report(f"Top-1 next token under teacher forcing vs fp32, {'tiny' if args.tiny else 'full-size'} shapes, "
+                   "random weights, 64 images × 20 random caption tokens:\n")
+            report.table(["path", "top-1 agreement"], [[label, f"{share:.2%}"] for label, share in
+                                                        quality["top1"].items()])
+        if args.quality_model and args.quality_data:
+            count, shares = identical_captions(args.quality_model, args.quality_data, usable, device)
+            quality["captions"] = shares
+            report(f"\nIdentical greedy captions vs fp32 (saved generation defaults), {count} images of "
+                   f"`{args.quality_data}`, model `{args.quality_model}`:\n")
+            report.table(["path", "identical captions"], [[flag, f"{share:.1%}"] for flag, share in shares.items()])
+        else:
+            report("\nIdentical captions on the demo model: not run (give --quality-model and --quality-data).")
+        now = section_done("quality", now)
+    del models, naive
+    ours.clear()
+    gc.collect()
+
+    # ---- D: training step
+    train: dict[str, float] = {}
+    if "D" not in skip:
+        report(f"\n## D: LoRA training step (batch {args.train_batch}, r=8, alpha=16, dropout 0.1, the original's 7 "
+               "targets, Adam; interleaved, medians)\n")
+        steps = {kind: train_step_fn(kind, sh, args.train_batch, device) for kind in ("naive", "ours")}
+        calls = {"naive fp32": steps["naive"], "ours fp32": steps["ours"]}
+        if args.train_autocast:
+            for kind in ("naive", "ours"):
+                calls[f"{kind} bf16 autocast"] = autocast_step(steps[kind], device)
+        times = interleaved(calls, repeats, device, label="D")
+        train = {name: statistics.median(values) for name, values in times.items()}
+        report.table(["model", "precision", "images/s", "s per step (median)", "min–max s", "× naive (same precision)"],
+                     [[NAIVE if name.startswith("naive") else OURS, name.split(" ", 1)[1],
+                       f"{args.train_batch / train[name]:.2f}", f"{train[name]:.2f}",
+                       f"{min(times[name]):.2f}–{max(times[name]):.2f}",
+                       ratio(train["naive " + name.split(" ", 1)[1]] / train[name])] for name in calls])
+        del steps, calls
+        gc.collect()
+        now = section_done("D", now)
+
+    # ---- E: vision-feature cache across epochs
+    epochs = None
+    if "E" not in skip:
+        report(f"\n## E: vision-feature cache across epochs (bench/epoch_cache.py, {args.epoch_images} images)\n")
+        epochs = run_epoch_cache(report, args)
+        now = section_done("E", now)
+
+    # ---- F: peak memory, a fresh process per row
+    memory: dict[str, float] = {}
+    if "F" not in skip:
+        report(f"\n## F: peak memory, a fresh process per row (batch {args.batch} greedy caption; "
+               f"{'peak allocated CUDA memory' if device.startswith('cuda') else 'peak RSS, the interpreter and torch included'})\n")
+        specs = [{"model": NAIVE, "label": "naive original (i), fp32"}]
+        specs += [{"model": OURS, "flag": t.flag, "folder": ours_dir, "label": f"{OURS} {t.name} ({t.flag})"}
+                  for t in usable]
+        table = []
+        for spec in specs:
+            result = measure_memory(spec, args)
+            progress(f"F: {spec['label']} {result}")
             if "error" in result:
-                emit(f"| {workload} | {name} | failed: {result['error']} | |")
+                table.append([spec["label"], f"failed: {result['error']}", "", "", "", ""])
                 continue
-            peaks[kind] = result["run_bytes"] / 2**20
-            reference = peaks.get("train-naive" if workload == "training" else "naive")
-            emit(f"| {workload} | {name} | {peaks[kind]:.0f} | {fmt(reference and peaks[kind] / reference)}× | "
-                 f"{result['load_bytes'] / 2**20:.0f} | {result['interpreter_bytes'] / 2**20:.0f} |")
+            peak = max(result["load_bytes"], result["run_bytes"]) / 2**20
+            memory[spec["label"]] = peak
+            reference = memory.get(specs[0]["label"])
+            table.append([spec["label"], f"{peak:.0f}", ratio(reference and peak / reference),
+                          f"{result['load_bytes'] / 2**20:.0f}", f"{result['run_bytes'] / 2**20:.0f}",
+                          f"{result['interpreter_bytes'] / 2**20:.0f}"])
+        report.table(["model", "peak MiB (process)", "× naive", "peak MiB after loading", "peak MiB while running",
+                      "interpreter MiB"], table)
+        now = section_done("F", now)
+    workdir.cleanup()
 
-    # ---- means
-    if "means" not in skip:
-        emit("\n## Means, each measured\n")
-        with torch.inference_mode():
-            eager = build_ours(sh, attn="eager", device=device)
-            eager.load_state_dict(ours.state_dict())
-            eager.encoder(px)
-            eager_seconds = median_seconds(lambda: eager.encoder(px), repeats, device)
-            del eager
-        emit(f"- CLIP tower attention: eager {1000 * eager_seconds:.0f} ms vs SDPA {1000 * vision_seconds:.0f} ms "
-             f"per batch of {args.batch} ({eager_seconds / vision_seconds:.2f}×). T5's decoder also runs SDPA "
-             f"(T5 `_supports_sdpa` = {T5ForConditionalGeneration._supports_sdpa} in this transformers).")
-        counted = cross_attention_projections_per_generate(sh, args.tokens)
-        emit(f"- cross-attention keys: {counted['calls']} calls of `EncDecAttention.k` in one {counted['steps']}-step "
-             f"generate over {counted['layers']} layers (once per layer: T5's EncoderDecoderCache keeps them).")
-        if "compile" not in skip and not (args.quick or args.tiny):
-            emit("- " + static_cache_and_compile(ours, px, args.tokens, repeats, device, base_seconds=caption_seconds))
-        emit(f"- no T5 text encoder: LoraCaptioner {sum(p.numel() for p in ours.parameters()) / 1e6:.1f} M "
-             f"parameters vs naive {sum(p.numel() for p in naive.parameters()) / 1e6:.1f} M.")
-    del naive
+    # ---- targets
+    report("\n## Targets (issue 11), from the rows above\n")
+    report.table(["target", "figure", "status"], targets(rows, shipped_labels, train, epochs, memory, quality))
+    report(f"\nFinished {time.strftime('%H:%M:%S')}; load average at end {load_average()}; wall time "
+           f"{time.perf_counter() - started:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in sections.items())
+           + ").")
+    report.save()
+    return report.text()
 
-    if "prep" not in skip:
-        emit("\n## Image preprocessing (ms per image; random 333–640 px RGB images; max |diff| vs the first row)\n")
-        emit("| path | batch 1 | batch 8, mixed sizes | batch 8, one size | max abs diff |")
-        emit("|---|---|---|---|---|")
-        for row in preprocessing_rows(sh["clip"]["image_size"], max(repeats, 3)):
-            emit(f"| {row['name']} | {row['b1']:.1f} | {row['b8 mixed sizes']:.1f} | {row['b8 same size']:.1f} | "
-                 f"{row['max_abs_diff']:.3f} |")
 
-    if args.quality_model and args.quality_data:
-        result = quality_guard(args.quality_model, args.quality_data, device)
-        emit(f"\n## Quality guard: greedy captions identical to the fp32 eager reference "
-             f"({result.pop('images')} held-out images of {args.quality_model})\n")
-        emit("| path | identical captions |")
-        emit("|---|---|")
-        for name, share in result.items():
-            emit(f"| {name} | {share:.1%} |")
+def treatment_of(label: str) -> str:
+    """The treatment of a LoraCaptioner row ("bf16 (--dtype auto)" -> "bf16"): the name its peer rows carry."""
+    return label.rsplit(" (", 1)[0]
 
-    emit(f"\ntotal wall time {time.perf_counter() - started:.0f} s; load average (1 min) at end "
-         f"{os.getloadavg()[0]:.2f}")
-    text = "\n".join(lines) + "\n"
-    if args.markdown:
-        Path(args.markdown).write_text(text)
-    return text
+
+def type_of_peer(name: str):
+    return {"BLIP-base (384 px)": BlipForConditionalGeneration, "GIT-base": GitForCausalLM,
+            "ViT + GPT-2": VisionEncoderDecoderModel}[name]
+
+
+def autocast_step(step, device: str):
+    def run():
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+            step()
+
+    return run
+
+
+def compile_rows(args, model: nn.Module, label: str, repeats: int, skip: set) -> tuple[list[Row], list[str]]:
+    """The fastest shipped path with a static cache, and with a static cache + torch.compile of the decoding step,
+    next to its dynamic-cache row; interleaved like the others. Returns the rows and notes (compile time, failures)."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles by itself only on GPUs
+    variants = {"dynamic cache": {}, "static cache": dict(cache_implementation="static", disable_compile=True),
+                "static cache + torch.compile": dict(cache_implementation="static", compile_config=compile_config)}
+    rows, notes = [], []
+    for workload, batch in (("A", args.batch), ("B", 1)):
+        if workload in skip:
+            continue
+        px = pixels(model, batch, args.device)
+        calls = {name: (lambda kwargs=kwargs: caption_call(model, px, args.tokens, 1, **kwargs))
+                 for name, kwargs in variants.items()}
+        warmups: dict[str, float] = {}
+        try:
+            times = interleaved(calls, repeats, args.device, label=f"{workload} cache/compile", warmups=warmups)
+        except Exception as error:  # an optional row: its failure is reported, the rest of the run goes on
+            notes.append(f"{workload}: static cache / torch.compile failed: {type(error).__name__}: "
+                         f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}")
+            continue
+        rows += [Row(f"{workload}, cache / compile", OURS, f"{label}, {name}", batch, times[name]) for name in calls]
+        notes.append(f"{workload}: the first call with torch.compile (compiling) took "
+                     f"{warmups['static cache + torch.compile']:.0f} s")
+    return rows, notes
+
+
+def targets(rows: list[Row], shipped: list[str], train: dict, epochs: dict | None, memory: dict,
+            quality: dict) -> list[list]:
+    """Issue 11's targets, each from rows of this run: met / not met with the figure."""
+
+    def best(workload: str) -> Row | None:
+        candidates = [row for row in rows if row.workload == workload and row.model == OURS
+                      and row.treatment in shipped]
+        return min(candidates, key=lambda row: row.seconds) if candidates else None
+
+    def seconds(workload: str, model: str, treatment: str | None = None) -> list[Row]:
+        return [row for row in rows if row.workload == workload and row.model == model
+                and (treatment is None or row.treatment == treatment)]
+
+    def status(ok: bool | None) -> str:
+        return "not measured" if ok is None else "**met**" if ok else "**not met**"
+
+    out = []
+    a, naive_a = best("A"), seconds("A", NAIVE, "fp32")
+    if a and naive_a:
+        speedup = naive_a[0].seconds / a.seconds
+        out.append(["A: fastest shipped path ≥ 3× naive fp32 (stretch 5×)", f"{a.treatment}: {ratio(speedup)}",
+                    status(speedup >= 3) + (" (stretch met)" if speedup >= 5 else "")])
+        peers_fp32 = [row for row in rows if row.workload == "A" and row.model not in (OURS, NAIVE)
+                      and row.treatment == "fp32"]
+        if peers_fp32:
+            peer = min(peers_fp32, key=lambda row: row.seconds)
+            value = peer.seconds / a.seconds
+            out.append(["A: ≥ 2× the fastest peer at fp32", f"{a.treatment} vs {peer.model} fp32: {ratio(value)}",
+                        status(value >= 2)])
+            treatment = treatment_of(a.treatment)
+            same = [row for row in rows if row.workload == "A" and row.model not in (OURS, NAIVE)
+                    and row.treatment == treatment]
+            if same:
+                peer = min(same, key=lambda row: row.seconds)
+                value = peer.seconds / a.seconds
+                out.append(["A: ≥ 1.3× the fastest peer with the same treatment",
+                            f"{a.treatment} vs {peer.model} {treatment}: {ratio(value)}", status(value >= 1.3)])
+    b, naive_b = best("B"), seconds("B", NAIVE, "fp32")
+    if b and naive_b:
+        value = b.seconds / naive_b[0].seconds
+        out.append(["B: batch-1 latency ≤ 0.4× naive", f"{b.treatment}: {value:.2f}× naive's latency",
+                    status(value <= 0.4)])
+    c, naive_c = best("C"), seconds("C", NAIVE, "fp32")
+    if c and naive_c:
+        value = naive_c[0].seconds / c.seconds
+        out.append(["C: beam 4 ≥ 3× naive", f"{c.treatment}: {ratio(value)}", status(value >= 3)])
+    if train:
+        value = train["naive fp32"] / train["ours fp32"]
+        out.append(["D: LoRA training step ≥ naive (no regression; parity counts)", f"fp32: {ratio(value)}",
+                    status(value >= 1 - PARITY)])
+    for dtype, cached in (epochs or {}).get("cached", {}).items():
+        value = cached["later_over_first"]
+        out.append([f"E: later epochs with cached {dtype} features ≤ 1/3 of the first", f"{value:.2f} "
+                    f"({cached['gb_per_300k_rows']:.1f} GB per 300K rows)", status(value <= 1 / 3)])
+        difference = cached.get("max_loss_difference_vs_float32")
+        if dtype != "float32" and difference is not None:
+            out.append([f"E: {dtype} cache, loss within 1e-3 of the float32 cache's", f"max |diff| {difference:.1e}",
+                        status(difference <= 1e-3)])
+    if epochs is None:
+        out.append(["E: later cached epochs ≤ 1/3 of the first", "–", status(None)])
+    naive_peak = memory.get("naive original (i), fp32")
+    fast = [(peak, label) for label, peak in memory.items() if label.startswith(OURS) and "(default)" not in label]
+    if naive_peak and fast:
+        peak, label = min(fast)
+        out.append(["F: peak RSS of the shipped fast path ≤ 0.6× naive", f"{label}: {peak / naive_peak:.2f}×",
+                    status(peak / naive_peak <= 0.6)])
+    for flag, share in quality.get("captions", {}).items():
+        out.append([f"quality: ≥ 98% identical captions vs fp32 ({flag})", f"{share:.1%}", status(share >= 0.98)])
+    for label, share in quality.get("top1", {}).items():
+        out.append([f"quality: ≥ 99% top-1 agreement vs fp32 ({label})", f"{share:.2%}", status(share >= 0.99)])
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,171 @@
+"""bench/bench.py as the issue's readers rely on it: one run writes its own markdown (the machine, every workload's
+rows, the targets computed from them); rows are timed interleaved after a warm-up; ratios within 5% read "parity";
+bench/gpu.sh passes the bench flags it accepts. Tiny shapes, one thread: seconds. No timing is asserted."""
+
+import importlib.util
+import json
+import re
+import shlex
+import subprocess
+
+import pytest
+import torch
+from conftest import REPO
+
+# bench/bench.py is a script, not a package module: load it by path under a name of its own.
+_spec = importlib.util.spec_from_file_location("loracaptioner_bench", REPO / "bench" / "bench.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(f"| {first_cell} |")]
+
+
+@pytest.fixture(scope="module")
+def demo_like_data(model_dir, images, tmp_path_factory) -> str:
+    """An imagefolder (metadata.jsonl + image files), as the demo's splits are."""
+    folder = tmp_path_factory.mktemp("imagefolder")
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for index, image in enumerate(images):
+            image.convert("RGB").save(folder / f"{index}.png")
+            metadata.write(json.dumps({"file_name": f"{index}.png", "caption": "a red circle"}) + "\n")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(model_dir, demo_like_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.md"
+    text = bench.main(["--tiny", "--quick", "--skip", "F", "--markdown", str(out), "--quality-model", model_dir,
+                       "--quality-data", demo_like_data])
+    return text, out
+
+
+def test_the_markdown_is_the_runs_own_output_and_names_its_command(tiny_run):
+    text, out = tiny_run
+    assert out.read_text() == text
+    assert "python bench/bench.py --tiny --quick --skip F --markdown" in text
+
+
+def test_the_run_names_the_machine_and_its_isa(tiny_run):
+    text, _ = tiny_run
+    for expected in ("| cpu |", "| ISA flags (lscpu) |", "avx512_bf16", "amx_bf16", "| torch cpu capability |",
+                     torch.backends.cpu.get_cpu_capability(), "| threads | 1 |", "load average at start",
+                     "load average at end", "GFLOP/s: bf16"):
+        assert expected in text
+
+
+def test_every_workload_has_naive_and_shipped_rows_and_peers_get_the_same_treatments(tiny_run):
+    text, _ = tiny_run
+    for workload in ("A", "B", "C"):
+        rows = table_rows(text, workload)
+        assert ["naive original (i)", "fp32"] in [row[1:3] for row in rows]
+        assert ["LoraCaptioner", "fp32 (default)"] in [row[1:3] for row in rows]
+    a_rows = table_rows(text, "A")
+    ours = [row[2] for row in a_rows if row[1] == "LoraCaptioner" and "decoding defaults" not in row[2]]
+    peer_treatments = {bench.treatment_of(label) for label in ours if label.endswith(
+        tuple(f"({flag})" for flag in bench.PEER_FLAGS))}
+    for peer in ("BLIP-base (384 px)", "GIT-base", "ViT + GPT-2"):
+        assert {row[2] for row in a_rows if row[1] == peer} == peer_treatments
+    defaults = [row for row in a_rows if "shipped decoding defaults" in row[2]]
+    assert {row[1] for row in defaults} == {"LoraCaptioner", "naive original (i)"}
+
+
+def test_every_ratio_is_between_rows_of_the_run_and_the_naive_row_is_parity_with_itself(tiny_run):
+    text, _ = tiny_run
+    for workload in ("A", "B", "C"):
+        naive = next(row for row in table_rows(text, workload) if row[1:3] == ["naive original (i)", "fp32"])
+        assert naive[6] == "parity (1.00×)"
+
+
+def test_training_quality_epochs_and_targets_are_reported(tiny_run):
+    text, _ = tiny_run
+    assert "## D: LoRA training step" in text
+    assert table_rows(text, "naive original (i)") and table_rows(text, "LoraCaptioner")
+    assert "## E: vision-feature cache across epochs" in text
+    assert "Top-1 next token under teacher forcing vs fp32" in text
+    assert "Identical greedy captions vs fp32" in text
+    targets = text.split("## Targets")[1]
+    for target in ("A: fastest shipped path ≥ 3× naive fp32", "B: batch-1 latency ≤ 0.4× naive", "C: beam 4 ≥ 3×",
+                   "D: LoRA training step ≥ naive"):
+        assert target in targets
+    assert re.search(r"wall time \d+ s \(machine \d+ s, loading \d+ s, A \d+ s", text)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is not None, reason="torchao is installed")
+def test_without_torchao_the_int8_paths_say_so(tiny_run):
+    text, _ = tiny_run
+    assert "| --quantize int8 | – | torchao not installed |" in text
+
+
+def test_ratios_within_five_percent_are_parity():
+    assert bench.ratio(1.0) == "parity (1.00×)"
+    assert bench.ratio(1.04) == "parity (1.04×)"
+    assert bench.ratio(0.96) == "parity (0.96×)"
+    assert bench.ratio(1.06) == "1.06×"
+    assert bench.ratio(0.91) == "0.91×"
+
+
+def test_rows_are_warmed_up_then_timed_in_rounds_in_rotated_order():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "xyz"}
+    times = bench.interleaved(calls, repeats=3, device="cpu")
+    assert order == list("xyz") + list("xyz") + list("yzx") + list("zxy")
+    assert {name: len(seconds) for name, seconds in times.items()} == {"x": 3, "y": 3, "z": 3}
+
+
+def test_targets_are_computed_from_the_rows():
+    rows = [bench.Row("A", bench.NAIVE, "fp32", 8, [4.0]),
+            bench.Row("A", bench.OURS, "fp32 (default)", 8, [3.9]),
+            bench.Row("A", bench.OURS, "bf16 (--dtype auto)", 8, [1.0]),
+            bench.Row("A", "GIT-base", "fp32", 8, [3.0]),
+            bench.Row("A", "GIT-base", "bf16", 8, [1.2]),
+            bench.Row("B", bench.NAIVE, "fp32", 1, [1.0]),
+            bench.Row("B", bench.OURS, "bf16 (--dtype auto)", 1, [0.5])]
+    shipped = ["fp32 (default)", "bf16 (--dtype auto)"]
+    table = {row[0]: row[1:] for row in bench.targets(rows, shipped, {"naive fp32": 7.0, "ours fp32": 7.2}, None,
+                                                      {}, {"top1": {"bf16 (--dtype auto)": 0.995}})}
+    assert table["A: fastest shipped path ≥ 3× naive fp32 (stretch 5×)"] == ["bf16 (--dtype auto): 4.00×", "**met**"]
+    assert table["A: ≥ 2× the fastest peer at fp32"] == ["bf16 (--dtype auto) vs GIT-base fp32: 3.00×", "**met**"]
+    assert table["A: ≥ 1.3× the fastest peer with the same treatment"] == [
+        "bf16 (--dtype auto) vs GIT-base bf16: 1.20×", "**not met**"]
+    assert table["B: batch-1 latency ≤ 0.4× naive"] == ["bf16 (--dtype auto): 0.50× naive's latency", "**not met**"]
+    assert table["D: LoRA training step ≥ naive (no regression; parity counts)"] == ["fp32: parity (0.97×)",
+                                                                                     "**met**"]
+    assert table["E: later cached epochs ≤ 1/3 of the first"] == ["–", "not measured"]
+    assert table["quality: ≥ 99% top-1 agreement vs fp32 (bf16 (--dtype auto))"] == ["99.50%", "**met**"]
+
+
+def test_peak_memory_is_measured_in_a_fresh_process():
+    args = bench.parse_args(["--tiny", "--batch", "2", "--tokens", "3"])
+    result = bench.measure_memory({"model": bench.NAIVE}, args)
+    assert 0 < result["interpreter_bytes"] <= result["load_bytes"]
+    assert result["run_bytes"] > 0
+
+
+def test_cli_refuses_unknown_parts_and_a_missing_gpu():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--skip", "A,Z"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--device", "cuda"])
+
+
+def test_gpu_script_runs_the_bench_with_flags_it_accepts(tmp_path):
+    """bench/gpu.sh --dry-run prints its commands; its bench command, moved to the CPU with tiny shapes, runs."""
+    dry = subprocess.run(["bash", str(REPO / "bench" / "gpu.sh"), "--dry-run", "--quick"], capture_output=True,
+                         text=True, check=True, cwd=REPO).stdout
+    command = shlex.split(dry.strip().splitlines()[-1].removeprefix("+ "))
+    assert command[:2] == ["timeout", "480"] and command[3] == "bench/bench.py"
+    argv = command[4:]
+    assert argv[argv.index("--device") + 1] == "cuda" and argv[argv.index("--markdown") + 1] == "bench/results-gpu.md"
+    assert {"--compile", "--train-autocast", "--quick"} <= set(argv)
+    assert set(argv[argv.index("--skip") + 1].split(",")) == {"E", "F", "quality"}  # A, B, C, D run
+    argv[argv.index("--device") + 1] = "cpu"
+    argv[argv.index("--markdown") + 1] = str(tmp_path / "results-gpu.md")
+    argv.remove("--compile")  # compiling on a CPU takes minutes; bench.compile_rows is what runs on the GPU
+    text = bench.main(argv + ["--tiny", "--skip", "E,F,quality,peers"])
+    assert ["naive original (i)", "bf16 autocast"] in [row[:2] for row in table_rows(text, "naive original (i)")]
+    assert ["LoraCaptioner", "bf16 autocast"] in [row[:2] for row in table_rows(text, "LoraCaptioner")]
+    assert (tmp_path / "results-gpu.md").read_text() == text

@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hardware.add_argument(
         "--quantize", default="none", choices=QUANTIZATIONS,
-        help="int8: the linear layers in int8 through torchao (pip install 'loracaptioner[int8]'), CPU only; faster "
-             "than float32 on CPUs with int8 dot products (AVX-512 VNNI) but slower than bfloat16 where --dtype auto "
-             "picks that (see the README: which path on which hardware)",
+        help="int8: the image encoder's linear layers in int8 through torchao (pip install 'loracaptioner[int8]'), "
+             "the rest in float32; CPU only. Faster than float32 where int8 products are fast (AVX-512 VNNI), slower "
+             "than bfloat16 where --dtype auto picks that (see the README: which path on which hardware)",
     )
     hardware.add_argument("--num-workers", type=int, default=4,
                           help="threads that read, download and decode images; over shards, DataLoader worker "

@@ -4,13 +4,16 @@
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32,
                                                         quantization_config=quantization_config("int8"))
 
-(`loracaptioner caption --quantize int8` does this.) The model's linear layers, vision tower and decoder, hold torchao
-int8 tensors; the output layer (`lm_head`) stays in float, as transformers leaves it by default. A quantized model
-saves with `save_pretrained` and loads back with `from_pretrained(folder, trust_remote_code=True)` alone, where torchao
-is installed: its config.json carries the quantization config.
+(`loracaptioner caption --quantize int8` does this.) The image encoder's linear layers (CLIP's and the bridge) hold
+torchao int8 weights and multiply int8 activations, scaled per token at run time; the decoder and its output layer
+stay in float32. The image encoder is where the work is (at batch 8, greedy, 20 tokens), and where int8 pays: on an
+AVX-512 VNNI CPU the decoder in int8 was no faster (each of its small products quantizes its activations first,
+eagerly) and its captions drifted further from float32's. A quantized model saves with `save_pretrained` and loads
+back with `from_pretrained(folder, trust_remote_code=True)` alone, where torchao is installed: its config.json
+carries the quantization config.
 
 torchao is an optional dependency: `pip install 'loracaptioner[int8]'`. Which path is fastest depends on the CPU (see
-the README, "Which path on which hardware").
+the README, "Which path on which hardware"): where bfloat16 is fast, it beats int8.
 """
 
 from __future__ import annotations
@@ -21,9 +24,9 @@ from torch import nn
 QUANTIZATIONS = ("none", "int8")
 TORCHAO_REQUIREMENT = "torchao>=0.18"
 INSTALL_HINT = "pip install 'loracaptioner[int8]'"
-# Layers left in float: the output layer, as transformers' default (`get_keys_to_not_convert`) leaves it; named here
-# so that from_pretrained and `quantize` (a model already in memory) leave out the very same layers.
-MODULES_TO_NOT_CONVERT = ["lm_head"]
+# Layers left in float32 (see above); named here so that from_pretrained and `quantize` (a model already in memory)
+# leave out the very same layers.
+MODULES_TO_NOT_CONVERT = ["decoder", "lm_head"]
 
 
 def require_torchao() -> None:
@@ -44,8 +47,8 @@ def torchao_config(name: str):
     require_torchao()
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig
 
-    # int8 weights and int8 activations (scaled per token at run time): int8 x int8 matrix products. See the README
-    # for how it compares with int8 weights only and with bfloat16 on a few CPUs.
+    # int8 weights and int8 activations (scaled per token at run time): int8 x int8 matrix products (aten._int_mm).
+    # int8 weights alone (Int8WeightOnlyConfig) turn back into float before every product: slower than float32.
     return Int8DynamicActivationInt8WeightConfig()
 
 

@@ -51,12 +51,24 @@ class LoraCaptionerImageEncoder(nn.Module):
     def encode_vision(self, pixel_values: torch.Tensor, **flags) -> BaseModelOutput:
         """The vision part, frozen unless `config.freeze_vision` is False: pixels -> CLIP tower -> final LayerNorm ->
         CLIP projection. Its `last_hidden_state` ("image features") is what `forward(image_features=...)` takes."""
-        vision_outputs = self.vision_tower(pixel_values=pixel_values.to(self.bridge.weight.dtype), **flags)
-        image_features = vision_outputs.last_hidden_state[:, int(self.drop_cls_token) :]
-        image_features = self.vision_tower.post_layernorm(image_features)
-        if self.visual_projection is not None:
-            image_features = self.visual_projection(image_features)
+        # A frozen tower runs without autograd unless the pixels want gradients. `enable_input_require_grads` (peft
+        # with activation checkpointing, the Trainer with adapters) hooks every sub-model's input embeddings, CLIP's
+        # patch embedding too: the tower would be recorded for a backward that trains nothing in it (at full size
+        # ~4x the backward FLOPs of a LoRA step, ~1.9x the saved activations).
+        record = torch.is_grad_enabled() and (pixel_values.requires_grad or self.vision_trains)
+        with torch.set_grad_enabled(record):
+            vision_outputs = self.vision_tower(pixel_values=pixel_values.to(self.bridge.weight.dtype), **flags)
+            image_features = vision_outputs.last_hidden_state[:, int(self.drop_cls_token) :]
+            image_features = self.vision_tower.post_layernorm(image_features)
+            if self.visual_projection is not None:
+                image_features = self.visual_projection(image_features)
         return BaseModelOutput(image_features, vision_outputs.hidden_states, vision_outputs.attentions)
+
+    @property
+    def vision_trains(self) -> bool:
+        """Whether any weight of the vision part (CLIP tower, projection, adapters placed in them) trains."""
+        modules = [self.vision_tower] + ([self.visual_projection] if self.visual_projection is not None else [])
+        return any(parameter.requires_grad for module in modules for parameter in module.parameters())
 
     @can_return_tuple
     def forward(self, pixel_values: torch.Tensor | None = None, output_attentions: bool | None = None,

@@ -67,7 +67,7 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 EQUAL_WORK = {"do_sample": False, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "length_penalty": 1.0}
 PARITY = 0.05  # ratios within 5% of 1 are called parity: run-to-run noise on a shared machine is of that size
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-# The peers get the treatments of `loracaptioner caption`'s own flags (its int8 on its default dtype).
+# The peers get the treatments of `loracaptioner caption`'s own flags.
 PEER_FLAGS = ("default", "--dtype auto", "--quantize int8")
 PARTS = ("A", "B", "C", "D", "E", "F", "quality", "peers")
 NAIVE = "naive original (i)"
@@ -189,34 +189,30 @@ def _torchao_missing() -> str | None:
 
 
 def shipped_treatments(device: str) -> list[Treatment]:
-    """The paths `loracaptioner caption` offers, as the `from_pretrained` arguments it passes: fp32 (`--dtype
-    float32`), `--dtype auto` (its default: `loracaptioner.loading.pick_dtype`), `--quantize int8` (torchao int8 through
-    `loracaptioner.quantization.quantization_config`, a transformers `TorchAoConfig`, on the `--dtype auto` weights)
-    and `--quantize int8 --dtype float32`."""
+    """The paths `loracaptioner caption` offers, as the `from_pretrained` arguments it passes: float32 (`--dtype
+    float32`), `--dtype auto` (its default: `loracaptioner.loading.pick_dtype`) and `--quantize int8` (torchao int8
+    through `loracaptioner.quantization.quantization_config`, a transformers `TorchAoConfig`, on the dtype
+    `pick_dtype` gives int8)."""
     treatments = [Treatment("fp32", "default", {"dtype": torch.float32})]
     try:
         from loracaptioner.loading import pick_dtype
+    except ImportError as error:
+        return treatments + [Treatment("bf16", "--dtype auto", missing=f"not available ({error})")]
+    auto = pick_dtype("auto", torch.device(device))
+    treatments.append(Treatment(DTYPE_NAMES[auto], "--dtype auto", {"dtype": auto}))
+    if not device.startswith("cpu"):
+        return treatments + [Treatment("int8", "--quantize int8",
+                                       missing="CPU only (`loracaptioner caption` refuses it on a GPU)")]
+    try:
+        from loracaptioner.quantization import quantization_config
 
-        auto = pick_dtype("auto", torch.device(device))
-        treatments.append(Treatment(DTYPE_NAMES[auto], "--dtype auto", {"dtype": auto}))
-    except (ImportError, AttributeError) as error:
-        auto = torch.float32
-        treatments.append(Treatment("bf16", "--dtype auto", missing=f"not available ({error})"))
-    for dtype, flag in ((auto, "--quantize int8"), (torch.float32, "--quantize int8 --dtype float32")):
-        name = f"int8 on {DTYPE_NAMES[dtype]}"
-        if not device.startswith("cpu"):
-            treatments.append(Treatment(name, flag, missing="CPU only (`loracaptioner caption` refuses it on a GPU)"))
-            continue
-        try:
-            from loracaptioner.quantization import quantization_config
-
-            config = quantization_config("int8")
-        except (ImportError, AttributeError, ValueError) as error:
-            why = _torchao_missing() or f"not available ({type(error).__name__}: {error})"
-            treatments.append(Treatment(name, flag, missing=why))
-            continue
-        treatments.append(Treatment(name, flag, {"dtype": dtype, "quantization_config": config}))
-    return treatments
+        config = quantization_config("int8")
+        dtype = pick_dtype("auto", torch.device(device), quantize="int8")
+    except (ImportError, ValueError) as error:
+        why = _torchao_missing() or f"not available ({type(error).__name__}: {error})"
+        return treatments + [Treatment("int8", "--quantize int8", missing=why)]
+    return treatments + [Treatment(f"int8 on {DTYPE_NAMES[dtype]}", "--quantize int8",
+                                   {"dtype": dtype, "quantization_config": config})]
 
 
 def describe(treatment: Treatment) -> str:
@@ -410,11 +406,16 @@ def identical_captions(model_dir: str, data_dir: str, treatments: list[Treatment
                 out += processor.batch_decode(model.generate(**inputs), skip_special_tokens=True)
         return out
 
-    reference = captions(load_saved(LoraCaptionerForConditionalGeneration, model_dir, treatments[0], device))
-    shares = {}
-    for treatment in treatments[1:]:
-        fast = captions(load_saved(LoraCaptionerForConditionalGeneration, model_dir, treatment, device))
-        shares[treatment.flag] = sum(a == b for a, b in zip(fast, reference)) / len(reference)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a small model: with two threads its tiny matmuls mostly wait for each other (~15x)
+    try:
+        reference = captions(load_saved(LoraCaptionerForConditionalGeneration, model_dir, treatments[0], device))
+        shares = {}
+        for treatment in treatments[1:]:
+            fast = captions(load_saved(LoraCaptionerForConditionalGeneration, model_dir, treatment, device))
+            shares[treatment.flag] = sum(a == b for a, b in zip(fast, reference)) / len(reference)
+    finally:
+        torch.set_num_threads(threads)
     return len(images), shares
 
 

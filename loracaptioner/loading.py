@@ -131,16 +131,23 @@ def load_model(model_id: str, revision: str | None, adapter: str | None, device:
         except (ImportError, ValueError) as error:
             raise UsageError(f"--quantize {quantize}: {error}") from None
     try:
-        model_type = PretrainedConfig.get_config_dict(model_id, revision=revision)[0].get("model_type")
-        if model_type != LoraCaptionerConfig.model_type:  # else: a warning and random weights
-            raise ValueError(f"it is a {model_type!r} model, not a LoraCaptioner")
-        if quantization is not None and adapter is None:
+        saved = PretrainedConfig.get_config_dict(model_id, revision=revision)[0]
+        if saved.get("model_type") != LoraCaptionerConfig.model_type:  # else: a warning and random weights
+            raise ValueError(f"it is a {saved.get('model_type')!r} model, not a LoraCaptioner")
+        if quantization is not None and adapter is None and "quantization_config" not in saved:
             model = LoraCaptionerForConditionalGeneration.from_pretrained(
                 model_id, revision=revision, dtype=dtype, quantization_config=quantization)
-        else:
+        else:  # a model saved quantized loads as it was saved (its config.json says how)
             model = LoraCaptionerForConditionalGeneration.from_pretrained(model_id, revision=revision)
-    except Exception as error:  # a missing folder, an unknown Hub id, a folder of another model
+    except Exception as error:  # a missing folder, an unknown Hub id, a folder of another model, no torchao
         raise UsageError(f"cannot load model {model_id!r}: {first_line(error)}") from None
+    if getattr(model, "hf_quantizer", None) is not None:
+        if adapter is not None:
+            raise UsageError(f"model {model_id!r} is saved quantized: merge the adapter into the float model, then "
+                             "quantize (--quantize int8)")
+        if dtype != torch.float32:
+            announce(f"model {model_id!r} is saved quantized: it computes in float32")
+        quantization, dtype = model.config.quantization_config, torch.float32
     if adapter is not None:
         from peft import PeftModel
 

@@ -112,14 +112,16 @@ USER = COMMON + """
     with_adapter, _ = load_model(model_dir, None, adapter, torch.device("cpu"), dtype, quantize="int8")
     reference.save_pretrained(saved_dir)
     processor.save_pretrained(saved_dir)
-    with open(output) as records:
-        cli = [json.loads(line)["caption"] for line in records]
+    # the saved int8 folder, captioned with the CLI's defaults (no --quantize: it loads as it was saved)
+    saved_code = main(["caption", saved_dir, *paths, "--max-new-tokens", "8", "-q", "-o", output + ".saved"])
+    cli, cli_saved = ([json.loads(line)["caption"] for line in open(path)] for path in (output, output + ".saved"))
     inputs = processor(images=[Image.open(path) for path in paths], return_tensors="pt")
     with torch.inference_mode():
         logits = [m(pixel_values=inputs["pixel_values"].to(dtype), decoder_input_ids=torch.zeros(3, 1, dtype=torch.long)
                     ).logits.float() for m in (reference, float_model)]
     print(json.dumps({
         "code": code, "cli": cli, "reference": captions(reference, processor, paths),
+        "saved_code": saved_code, "cli_saved": cli_saved,
         "loaded": captions(loaded, processor, paths), "kinds": weight_kinds(loaded),
         "adapter": captions(with_adapter, processor, paths), "adapter_kinds": weight_kinds(with_adapter),
         "merged": captions(merged, processor, paths), "unmerged": captions(reference, processor, paths),
@@ -210,6 +212,7 @@ def test_a_saved_int8_model_loads_back_without_the_package(int8_run, torchao_pat
     hub_user = work / "hub-user"
     hub_user.mkdir()
     loaded = run_python(HUB_USER, [str(work / "saved"), *paths], torchao_path, hub_user, package=False)
+    assert report["saved_code"] == 0 and report["cli_saved"] == report["reference"]  # and with the CLI
     assert loaded["module"].startswith("transformers_modules.")
     assert loaded["kinds"] == report["kinds"]
     assert loaded["captions"] == report["reference"]

@@ -568,8 +568,9 @@ def render_captioning(report: Report, rows: list[Row]) -> None:
          "× LoraCaptioner fp32"],
         [[row.workload, row.model, row.treatment, f"{row.images_per_second:.2f}", f"{1000 * row.seconds:.0f}",
           f"{1000 * min(row.times):.0f}–{1000 * max(row.times):.0f}",
-          ratio(naive[row.workload] / row.seconds) if row.workload in naive else "–",
-          ratio(ours_fp32[row.workload] / row.seconds) if row.workload in ours_fp32 else "–"] for row in rows],
+          ratio(naive[base] / row.seconds) if base in naive else "–",
+          ratio(ours_fp32[base] / row.seconds) if base in ours_fp32 else "–"]
+         for row, base in ((row, row.workload.split(",")[0]) for row in rows)],
     )
 
 

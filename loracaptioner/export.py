@@ -1,0 +1,203 @@
+"""LoraCaptioner exported through `transformers.exporters` (OpenVINO or ONNX Runtime), and captioning with the export.
+
+`export(model_dir, out_dir)` writes three graphs, each traced by the exporter's own `export()`:
+  * `image_encoder`: pixels -> image tokens (CLIP tower, projection, bridge), run once per image;
+  * `prefill`: the first decoder step on an empty cache: logits, and the cache with the cross-attention keys/values;
+  * `decode`: one decoder step on that cache: logits and the grown self-attention cache (`DecodeStep`).
+`ExportedCaptioner.from_pretrained(out_dir)` runs them behind transformers' own `generate()` (greedy, beam search,
+logits processors, the model's generation defaults), the KV cache held in torch tensors between the graphs.
+
+Measured (bench/export_candidates.md, AVX-512 with avx512_bf16, no AMX, 2 cores; full-size random weights, batch 8,
+greedy, 20 tokens): OpenVINO in bf16 1.33x torch bf16, 1.75x OpenVINO fp32 over torch fp32 at exact parity. The
+`openvino` package is needed to export and to run (`pip install openvino`, plus `nncf` for `quantize="int8"`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.exporters import ExportedModel
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+
+from .remote_code.configuration_loracaptioner import LoraCaptionerConfig
+from .remote_code.modeling_loracaptioner import LoraCaptionerForConditionalGeneration
+
+BACKENDS = ("openvino", "onnx")
+# Precision OpenVINO computes in, by name. Its CPU plugin picks bf16 by itself on a CPU with avx512_bf16 or AMX.
+PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+
+
+class DecodeStep(nn.Module):
+    """One decoder step on a cache that already holds the cross-attention keys/values. Returns the logits and the
+    self-attention cache only, so the exported graph neither copies the unchanged cross-attention cache out at every
+    step nor passes the image tokens through (as the model's own `Seq2SeqLMOutput` would): on batch 8 at full size
+    that copying made OpenVINO bf16 0.84x torch bf16 instead of 1.33x."""
+
+    def __init__(self, model: LoraCaptionerForConditionalGeneration):
+        super().__init__()
+        self.model = model
+
+    def forward(self, decoder_input_ids: torch.Tensor, encoder_outputs: BaseModelOutput, cache: EncoderDecoderCache):
+        outputs = self.model(decoder_input_ids=decoder_input_ids, encoder_outputs=encoder_outputs, cache=cache,
+                             use_cache=True)
+        return outputs.logits, outputs.cache.self_attention_cache
+
+
+def _empty_cache(config: LoraCaptionerConfig) -> EncoderDecoderCache:
+    return EncoderDecoderCache(DynamicCache(config=config.text_config), DynamicCache(config=config.text_config))
+
+
+def _graphs(model: LoraCaptionerForConditionalGeneration, pixel_values: torch.Tensor) -> dict[str, tuple]:
+    """Each graph's module and sample forward kwargs, from a real run. The decode sample's cache holds two tokens
+    already: `torch.export` specialises a length-1 sample to 1, which would fix the cache's length."""
+    with torch.no_grad():
+        image_tokens = model.encoder(pixel_values=pixel_values)
+        start = torch.full((pixel_values.shape[0], 1), model.config.decoder_start_token_id)
+        prefill = dict(decoder_input_ids=start, encoder_outputs=image_tokens, cache=_empty_cache(model.config))
+        outputs = model(**copy.deepcopy(prefill), use_cache=True)
+        outputs = model(decoder_input_ids=start + 1, encoder_outputs=image_tokens, cache=outputs.cache, use_cache=True)
+        decode = dict(decoder_input_ids=start + 2, encoder_outputs=image_tokens, cache=outputs.cache)
+    return {
+        "image_encoder": (model.encoder, {"pixel_values": pixel_values}),
+        "prefill": (model, {**prefill, "use_cache": True}),
+        "decode": (DecodeStep(model), decode),
+    }
+
+
+def export(model_dir: str | Path, out_dir: str | Path, backend: str = "openvino", quantize: str | None = None) -> Path:
+    """Export a saved LoraCaptioner (fp32 weights) to `out_dir`: the three graphs, `export.json`, the config and
+    generation config, and the processor when `model_dir` has one.
+
+    backend: `"openvino"` (the measured winner on CPU) or `"onnx"` (ONNX Runtime).
+    quantize: `None`, or `"int8"`: int8 weights (NNCF weight compression) for OpenVINO, dynamic int8 (ONNX Runtime's
+        `quantize_dynamic`) for ONNX. Measured on random full-size weights (bench/export_candidates.md): faster at batch
+        1, no faster than bf16 at batch 8, and 88-92% top-1 agreement with fp32 against bf16's 97%.
+    """
+    from transformers.exporters import OnnxConfig, OnnxExporter, OpenVINOConfig, OpenVINOExporter
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    model = LoraCaptionerForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    if backend == "openvino":
+        # Stateless: the runner hands the cache back in and out, so beam search can reorder it as torch does.
+        exporter, config = OpenVINOExporter(), OpenVINOConfig(dynamic=True, stateful=False)
+    else:
+        exporter, config = OnnxExporter(), OnnxConfig(dynamic=True)
+    quantizer = _int8_quantizer(backend) if quantize else None
+
+    size = model.config.vision_config.image_size
+    pixel_values = torch.zeros(2, 3, size, size)  # batch 2: a batch of 1 would be specialised, like length 1
+    components = {}
+    for name, (module, inputs) in _graphs(model, pixel_values).items():
+        component = exporter.export(module, copy.deepcopy(inputs), config).components["model"]
+        if quantizer is not None:
+            component.program = quantizer.quantize(component.program, inputs, exporter.export_format)
+        components[name] = component
+    out_dir = Path(out_dir)
+    ExportedModel(components, exporter.export_format, config=model.config,
+                  generation_config=model.generation_config).save_pretrained(out_dir)
+    try:
+        from transformers import AutoProcessor
+
+        AutoProcessor.from_pretrained(model_dir).save_pretrained(out_dir)
+    except OSError:  # a folder with no processor files: the export is still usable with pixel values
+        pass
+    return out_dir
+
+
+def _int8_quantizer(backend: str):
+    if backend == "openvino":
+        import nncf
+        from transformers.exporters import NNCFOpenVINOQuantizer, NNCFWeightCompressionConfig
+
+        return NNCFOpenVINOQuantizer(NNCFWeightCompressionConfig(mode=nncf.CompressWeightsMode.INT8_ASYM))
+    from transformers.exporters import OnnxRuntimeDynamicConfig, OnnxRuntimeQuantizer
+
+    return OnnxRuntimeQuantizer(OnnxRuntimeDynamicConfig())
+
+
+class _ExportedImageEncoder(nn.Module):
+    """The `image_encoder` graph as `generate()` calls an encoder: pixels in, `BaseModelOutput` out."""
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, runner):
+        super().__init__()
+        self.runner = runner
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutput:
+        # OpenVINO must copy its inputs here: a graph passing an input straight to an output otherwise corrupts the
+        # heap on a later call (openvino 2026.4). `share_inputs` is ignored by ONNX Runtime.
+        image_tokens = self.runner(share_inputs=False, pixel_values=pixel_values.float())
+        return BaseModelOutput(image_tokens.last_hidden_state)
+
+
+class ExportedCaptioner(PreTrainedModel, GenerationMixin):
+    """An exported LoraCaptioner behind transformers' `generate()`: greedy and beam search, logits processors and the
+    saved generation defaults work as on the torch model, the graphs doing the model's work.
+
+    ```python
+    captioner = ExportedCaptioner.from_pretrained("exported", precision="bf16")
+    caption_ids = captioner.generate(pixel_values=processor(images=images, return_tensors="pt").pixel_values)
+    ```
+    """
+
+    config_class = LoraCaptionerConfig
+    main_input_name = "pixel_values"
+    _supports_cache_class = True
+
+    def __init__(self, exported: ExportedModel):
+        super().__init__(exported.config)
+        self.exported = exported
+        self.encoder = _ExportedImageEncoder(exported.runners["image_encoder"])
+        if exported.generation_config is not None:
+            self.generation_config = exported.generation_config
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, precision: str | None = None, **runner_kwargs) -> ExportedCaptioner:
+        """Load an `export()` folder. precision (OpenVINO): `"bf16"` or `"fp32"`; `None` leaves OpenVINO's choice (bf16
+        on a CPU with avx512_bf16 or AMX). `runner_kwargs` go to the backend's runner (`session_options`, `config`)."""
+        import json
+
+        backend = json.loads((Path(folder) / "export.json").read_text())["export_format"]
+        if backend == "openvino":
+            runner_kwargs.setdefault("device", "cpu")
+            if precision is not None:
+                properties = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision]}
+                runner_kwargs["config"] = {**properties, **runner_kwargs.get("config", {})}
+        elif precision not in (None, "fp32"):
+            raise ValueError(f"ONNX Runtime runs the export in fp32; precision {precision!r} is OpenVINO's.")
+        return cls(ExportedModel.from_pretrained(folder, **runner_kwargs))
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def get_encoder(self, modality: str | None = None) -> nn.Module:
+        return self.encoder
+
+    def forward(self, decoder_input_ids: torch.Tensor, encoder_outputs: BaseModelOutput,
+                cache: EncoderDecoderCache | None = None, **kwargs) -> Seq2SeqLMOutput:
+        runners = self.exported.runners
+        if cache is None or cache.get_seq_length() == 0:
+            outputs = runners["prefill"](share_inputs=False, decoder_input_ids=decoder_input_ids,
+                                         encoder_outputs=encoder_outputs, cache=None)
+            return Seq2SeqLMOutput(logits=outputs.logits, cache=outputs.cache)
+        logits, self_attention_cache = runners["decode"](decoder_input_ids=decoder_input_ids,
+                                                         encoder_outputs=encoder_outputs, cache=cache)
+        return Seq2SeqLMOutput(logits=logits, cache=EncoderDecoderCache(self_attention_cache,
+                                                                        cache.cross_attention_cache))
+
+
+__all__ = ["BACKENDS", "DecodeStep", "ExportedCaptioner", "export"]

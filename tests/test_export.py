@@ -1,0 +1,80 @@
+"""loracaptioner.export: an OpenVINO export of a tiny saved LoraCaptioner captions exactly as the torch model does.
+
+OpenVINO is not a dependency of the package's environment: the test installs the measured version once into
+`<repo>/.cache/export-runtimes/` (gitignored, pip, from the package index) and runs the export in a subprocess with
+it on the path, so the shared environment never imports it. No package index: the test skips, saying so.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from loracaptioner.export import export
+
+REPO = Path(__file__).resolve().parents[1]
+OPENVINO = "openvino==2026.4.1"  # the version bench/export_candidates.md measured
+RUNTIMES = REPO / ".cache" / "export-runtimes" / OPENVINO.replace("==", "-")
+
+
+@pytest.fixture(scope="module")
+def openvino_path() -> Path:
+    if not (RUNTIMES / "openvino").is_dir():
+        # --no-deps: numpy and packaging come from the test's own environment, the one the subprocess runs in.
+        command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(RUNTIMES), OPENVINO,
+                   "openvino-telemetry"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+        if result.returncode != 0:
+            pytest.skip(f"could not install {OPENVINO} from the package index:\n{result.stderr[-1000:]}")
+    return RUNTIMES
+
+
+CAPTION_THROUGH_EXPORT = textwrap.dedent("""
+    import json, sys
+    import torch
+    sys.path.insert(0, "tests")
+    from conftest import tiny_text_config, tiny_vision_config
+    from loracaptioner import LoraCaptionerConfig, LoraCaptionerForConditionalGeneration
+    from loracaptioner.export import ExportedCaptioner, export
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    config = LoraCaptionerConfig(vision_config=tiny_vision_config(), text_config=tiny_text_config(99))
+    model = LoraCaptionerForConditionalGeneration(config).eval()
+    model.save_pretrained(sys.argv[1] + "/model")
+    export(sys.argv[1] + "/model", sys.argv[1] + "/exported", backend="openvino")
+    captioner = ExportedCaptioner.from_pretrained(sys.argv[1] + "/exported", precision="fp32")
+    pixel_values = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    settings = {"defaults": {}, "greedy": {"num_beams": 1, "max_new_tokens": 12},
+                "beam 3, 2 returned": {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 12}}
+    results = {}
+    for name, kwargs in settings.items():
+        expected = model.generate(pixel_values=pixel_values, **kwargs)
+        got = captioner.generate(pixel_values=pixel_values, **kwargs)
+        results[name] = {"expected": expected.tolist(), "got": got.tolist()}
+    print(json.dumps(results))
+""")
+
+
+def test_openvino_export_captions_like_the_torch_model_greedy_and_beam(openvino_path, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(openvino_path), str(REPO)])}
+    result = subprocess.run([sys.executable, "-c", CAPTION_THROUGH_EXPORT, str(tmp_path)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, ids in results.items():
+        assert ids["got"] == ids["expected"], name
+    saved = {path.name for path in (tmp_path / "exported").iterdir()}
+    assert {"export.json", "config.json", "generation_config.json", "openvino_decode.xml"} <= saved
+
+
+def test_export_names_the_backends_it_knows(tmp_path):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        export(tmp_path, tmp_path / "out", backend="tensorrt")
+    with pytest.raises(ValueError, match="quantize must be None or 'int8'"):
+        export(tmp_path, tmp_path / "out", quantize="int4")

@@ -124,7 +124,8 @@ def build_ours(sh: dict, dtype: torch.dtype = torch.float32, attn: str = "sdpa",
 
 class NaiveOriginal(nn.Module):
     """The original design rebuilt naively from HF parts: CLIPVisionModel -> post_layernorm -> CLIP projection ->
-    Linear(512 -> 768) -> a full T5ForConditionalGeneration (its text encoder built but never run) fed `encoder_outputs`."""
+    Linear(512 -> 768) -> a full T5ForConditionalGeneration (its text encoder built but never run) fed
+    `encoder_outputs`."""
 
     def __init__(self, sh: dict):
         super().__init__()
@@ -547,7 +548,8 @@ def captioning(report: Report, args, workload: str, batch: int, beams: int, mode
     written: dict[tuple, int] = {}  # new tokens of the extra calls, which may stop before their limit
     for key, (model, call) in (extra_calls or {}).items():
         px = pixels(model, batch, args.device)
-        calls[key] = lambda key=key, model=model, px=px, call=call: written.__setitem__(key, new_tokens(call(model, px)))
+        calls[key] = lambda key=key, model=model, px=px, call=call: written.__setitem__(
+            key, new_tokens(call(model, px)))
     labelled = {f"{name} {treatment}": call for (name, treatment), call in calls.items()}
     times = interleaved(labelled, repeats, args.device, label=workload)
     return [Row(workload, name, treatment + (f" ({written[name, treatment]} new tokens)" if (name, treatment) in
@@ -805,7 +807,8 @@ def main(argv=None) -> str:
                 calls[f"{kind} bf16 autocast"] = autocast_step(steps[kind], device)
         times = interleaved(calls, repeats, device, label="D")
         train = {name: statistics.median(values) for name, values in times.items()}
-        report.table(["model", "precision", "images/s", "s per step (median)", "min–max s", "× naive (same precision)"],
+        report.table(["model", "precision", "images/s", "s per step (median)", "min–max s",
+                      "× naive (same precision)"],
                      [[NAIVE if name.startswith("naive") else OURS, name.split(" ", 1)[1],
                        f"{args.train_batch / train[name]:.2f}", f"{train[name]:.2f}",
                        f"{min(times[name]):.2f}–{max(times[name]):.2f}",
@@ -824,8 +827,9 @@ def main(argv=None) -> str:
     # ---- F: peak memory, a fresh process per row
     memory: dict[str, float] = {}
     if "F" not in skip:
-        report(f"\n## F: peak memory, a fresh process per row (batch {args.batch} greedy caption; "
-               f"{'peak allocated CUDA memory' if device.startswith('cuda') else 'peak RSS, the interpreter and torch included'})\n")
+        measured = ("peak allocated CUDA memory" if device.startswith("cuda")
+                    else "peak RSS, the interpreter and torch included")
+        report(f"\n## F: peak memory, a fresh process per row (batch {args.batch} greedy caption; {measured})\n")
         specs = [{"model": NAIVE, "label": "naive original (i), fp32"}]
         specs += [{"model": OURS, "flag": t.flag, "folder": ours_dir, "label": f"{OURS} {t.name} ({t.flag})"}
                   for t in usable]

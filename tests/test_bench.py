@@ -87,8 +87,8 @@ def test_training_quality_epochs_and_targets_are_reported(tiny_run):
     assert "Top-1 next token under teacher forcing vs fp32" in text
     assert "Identical greedy captions vs fp32" in text
     targets = text.split("## Targets")[1]
-    for target in ("A: fastest shipped path ≥ 3× naive fp32", "B: batch-1 latency ≤ 0.4× naive", "C: beam 4 ≥ 3×",
-                   "D: LoRA training step ≥ naive"):
+    for target in ("A: fastest shipped path ≥ 3× naive fp32", "B: batch-1 latency ≤ 0.4× naive",
+                   "C: beam 4 ≥ 3×", "D: LoRA training step ≥ naive"):
         assert target in targets
     assert re.search(r"wall time \d+ s \(machine \d+ s, loading \d+ s, A \d+ s", text)
 
@@ -126,7 +126,8 @@ def test_targets_are_computed_from_the_rows():
     shipped = ["fp32 (default)", "bf16 (--dtype auto)"]
     table = {row[0]: row[1:] for row in bench.targets(rows, shipped, {"naive fp32": 7.0, "ours fp32": 7.2}, None,
                                                       {}, {"top1": {"bf16 (--dtype auto)": 0.995}})}
-    assert table["A: fastest shipped path ≥ 3× naive fp32 (stretch 5×)"] == ["bf16 (--dtype auto): 4.00×", "**met**"]
+    assert table["A: fastest shipped path ≥ 3× naive fp32 (stretch 5×)"] == ["bf16 (--dtype auto): 4.00×",
+                                                                              "**met**"]
     assert table["A: ≥ 2× the fastest peer at fp32"] == ["bf16 (--dtype auto) vs GIT-base fp32: 3.00×", "**met**"]
     assert table["A: ≥ 1.3× the fastest peer with the same treatment"] == [
         "bf16 (--dtype auto) vs GIT-base bf16: 1.20×", "**not met**"]

@@ -795,26 +795,9 @@ def main(argv=None) -> str:
     ours.clear()
     gc.collect()
 
-    # ---- D: training step
     train: dict[str, float] = {}
     if "D" not in skip:
-        report(f"\n## D: LoRA training step (batch {args.train_batch}, r=8, alpha=16, dropout 0.1, the original's 7 "
-               "targets, Adam; interleaved, medians)\n")
-        steps = {kind: train_step_fn(kind, sh, args.train_batch, device) for kind in ("naive", "ours")}
-        calls = {"naive fp32": steps["naive"], "ours fp32": steps["ours"]}
-        if args.train_autocast:
-            for kind in ("naive", "ours"):
-                calls[f"{kind} bf16 autocast"] = autocast_step(steps[kind], device)
-        times = interleaved(calls, repeats, device, label="D")
-        train = {name: statistics.median(values) for name, values in times.items()}
-        report.table(["model", "precision", "images/s", "s per step (median)", "min–max s",
-                      "× naive (same precision)"],
-                     [[NAIVE if name.startswith("naive") else OURS, name.split(" ", 1)[1],
-                       f"{args.train_batch / train[name]:.2f}", f"{train[name]:.2f}",
-                       f"{min(times[name]):.2f}–{max(times[name]):.2f}",
-                       ratio(train["naive " + name.split(" ", 1)[1]] / train[name])] for name in calls])
-        del steps, calls
-        gc.collect()
+        train = training_step(report, args)
         now = section_done("D", now)
 
     # ---- E: vision-feature cache across epochs
@@ -824,30 +807,9 @@ def main(argv=None) -> str:
         epochs = run_epoch_cache(report, args)
         now = section_done("E", now)
 
-    # ---- F: peak memory, a fresh process per row
     memory: dict[str, float] = {}
     if "F" not in skip:
-        measured = ("peak allocated CUDA memory" if device.startswith("cuda")
-                    else "peak RSS, the interpreter and torch included")
-        report(f"\n## F: peak memory, a fresh process per row (batch {args.batch} greedy caption; {measured})\n")
-        specs = [{"model": NAIVE, "label": "naive original (i), fp32"}]
-        specs += [{"model": OURS, "flag": t.flag, "folder": ours_dir, "label": f"{OURS} {t.name} ({t.flag})"}
-                  for t in usable]
-        table = []
-        for spec in specs:
-            result = measure_memory(spec, args)
-            progress(f"F: {spec['label']} {result}")
-            if "error" in result:
-                table.append([spec["label"], f"failed: {result['error']}", "", "", "", ""])
-                continue
-            peak = max(result["load_bytes"], result["run_bytes"]) / 2**20
-            memory[spec["label"]] = peak
-            reference = memory.get(specs[0]["label"])
-            table.append([spec["label"], f"{peak:.0f}", ratio(reference and peak / reference),
-                          f"{result['load_bytes'] / 2**20:.0f}", f"{result['run_bytes'] / 2**20:.0f}",
-                          f"{result['interpreter_bytes'] / 2**20:.0f}"])
-        report.table(["model", "peak MiB (process)", "× naive", "peak MiB after loading", "peak MiB while running",
-                      "interpreter MiB"], table)
+        memory = peak_memory(report, args, ours_dir, usable)
         now = section_done("F", now)
     workdir.cleanup()
 
@@ -859,6 +821,55 @@ def main(argv=None) -> str:
            + ").")
     report.save()
     return report.text()
+
+
+def training_step(report: Report, args) -> dict[str, float]:
+    """D: the two LoRA training steps (and with --train-autocast their bf16 autocast runs), interleaved."""
+    report(f"\n## D: LoRA training step (batch {args.train_batch}, r=8, alpha=16, dropout 0.1, the original's 7 "
+           "targets, Adam; interleaved, medians)\n")
+    sh = shapes(args.tiny)
+    steps = {kind: train_step_fn(kind, sh, args.train_batch, args.device) for kind in ("naive", "ours")}
+    calls = {"naive fp32": steps["naive"], "ours fp32": steps["ours"]}
+    if args.train_autocast:
+        for kind in ("naive", "ours"):
+            calls[f"{kind} bf16 autocast"] = autocast_step(steps[kind], args.device)
+    times = interleaved(calls, args.repeats, args.device, label="D")
+    train = {name: statistics.median(values) for name, values in times.items()}
+    rows = []
+    for name in calls:
+        kind, precision = name.split(" ", 1)
+        rows.append([NAIVE if kind == "naive" else OURS, precision, f"{args.train_batch / train[name]:.2f}",
+                     f"{train[name]:.2f}", f"{min(times[name]):.2f}–{max(times[name]):.2f}",
+                     ratio(train[f"naive {precision}"] / train[name])])
+    report.table(["model", "precision", "images/s", "s per step (median)", "min–max s", "× naive (same precision)"],
+                 rows)
+    return train
+
+
+def peak_memory(report: Report, args, ours_dir: str, usable: list[Treatment]) -> dict[str, float]:
+    """F: peak memory of the naive model and of each shipped path, each in a fresh process (MiB by row label)."""
+    measured = ("peak allocated CUDA memory" if args.device.startswith("cuda")
+                else "peak RSS, the interpreter and torch included")
+    report(f"\n## F: peak memory, a fresh process per row (batch {args.batch} greedy caption; {measured})\n")
+    specs = [{"model": NAIVE, "label": "naive original (i), fp32"}]
+    specs += [{"model": OURS, "flag": t.flag, "folder": ours_dir, "label": f"{OURS} {t.name} ({t.flag})"}
+              for t in usable]
+    memory, table = {}, []
+    for spec in specs:
+        result = measure_memory(spec, args)
+        progress(f"F: {spec['label']} {result}")
+        if "error" in result:
+            table.append([spec["label"], f"failed: {result['error']}", "", "", "", ""])
+            continue
+        peak = max(result["load_bytes"], result["run_bytes"]) / 2**20
+        memory[spec["label"]] = peak
+        reference = memory.get(specs[0]["label"])
+        table.append([spec["label"], f"{peak:.0f}", ratio(reference and peak / reference),
+                      f"{result['load_bytes'] / 2**20:.0f}", f"{result['run_bytes'] / 2**20:.0f}",
+                      f"{result['interpreter_bytes'] / 2**20:.0f}"])
+    report.table(["model", "peak MiB (process)", "× naive", "peak MiB after loading", "peak MiB while running",
+                  "interpreter MiB"], table)
+    return memory
 
 
 def treatment_of(label: str) -> str:
@@ -964,7 +975,7 @@ def targets(rows: list[Row], shipped: list[str], train: dict, epochs: dict | Non
                     f"({cached['gb_per_300k_rows']:.1f} GB per 300K rows)", status(value <= 1 / 3)])
         difference = cached.get("max_loss_difference_vs_float32")
         if dtype != "float32" and difference is not None:
-            out.append([f"E: {dtype} cache, loss within 1e-3 of the float32 cache's", f"max |diff| {difference:.1e}",
+            out.append([f"E: {dtype} cache, loss within 1e-3 of the float32 cache's", f"largest difference {difference:.1e}",
                         status(difference <= 1e-3)])
     if epochs is None:
         out.append(["E: later cached epochs ≤ 1/3 of the first", "–", status(None)])

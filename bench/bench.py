@@ -975,7 +975,8 @@ def targets(rows: list[Row], shipped: list[str], train: dict, epochs: dict | Non
                     f"({cached['gb_per_300k_rows']:.1f} GB per 300K rows)", status(value <= 1 / 3)])
         difference = cached.get("max_loss_difference_vs_float32")
         if dtype != "float32" and difference is not None:
-            out.append([f"E: {dtype} cache, loss within 1e-3 of the float32 cache's", f"largest difference {difference:.1e}",
+            out.append([f"E: {dtype} cache, loss within 1e-3 of the float32 cache's",
+                        f"largest difference {difference:.1e}",
                         status(difference <= 1e-3)])
     if epochs is None:
         out.append(["E: later cached epochs ≤ 1/3 of the first", "–", status(None)])

@@ -115,17 +115,13 @@ USER = COMMON + """
     # the saved int8 folder, captioned with the CLI's defaults (no --quantize: it loads as it was saved)
     saved_code = main(["caption", saved_dir, *paths, "--max-new-tokens", "8", "-q", "-o", output + ".saved"])
     cli, cli_saved = ([json.loads(line)["caption"] for line in open(path)] for path in (output, output + ".saved"))
-    inputs = processor(images=[Image.open(path) for path in paths], return_tensors="pt")
-    with torch.inference_mode():
-        logits = [m(pixel_values=inputs["pixel_values"].to(dtype), decoder_input_ids=torch.zeros(3, 1, dtype=torch.long)
-                    ).logits.float() for m in (reference, float_model)]
     print(json.dumps({
         "code": code, "cli": cli, "reference": captions(reference, processor, paths),
+        "float": captions(float_model, processor, paths),
         "saved_code": saved_code, "cli_saved": cli_saved,
         "loaded": captions(loaded, processor, paths), "kinds": weight_kinds(loaded),
         "adapter": captions(with_adapter, processor, paths), "adapter_kinds": weight_kinds(with_adapter),
         "merged": captions(merged, processor, paths), "unmerged": captions(reference, processor, paths),
-        "int8_vs_float_max_logit_diff": (logits[0] - logits[1]).abs().max().item(),
     }))
 """
 
@@ -147,7 +143,24 @@ HUB_USER = COMMON + """
 
 
 @pytest.fixture(scope="module")
-def adapter(model_dir, tmp_path_factory) -> tuple[str, str]:
+def image_bound_model_dir(model_dir, tmp_path_factory) -> str:
+    """The tiny model with its decoder's cross-attention outputs scaled 30x: its captions follow the image closely
+    enough that int8's rounding in the image encoder changes them (the tiny model's own hardly heed the image)."""
+    from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
+
+    folder = tmp_path_factory.mktemp("image-bound")
+    model = LoraCaptionerForConditionalGeneration.from_pretrained(model_dir)
+    with torch.no_grad():
+        for name, weight in model.decoder.named_parameters():
+            if name.endswith("EncDecAttention.o.weight"):
+                weight.mul_(30)
+    model.save_pretrained(folder)
+    LoraCaptionerProcessor.from_pretrained(model_dir).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def adapter(image_bound_model_dir, tmp_path_factory) -> tuple[str, str]:
     """A peft adapter with random LoRA weights (it changes the model), and the model with it merged, saved."""
     import warnings
 
@@ -156,7 +169,7 @@ def adapter(model_dir, tmp_path_factory) -> tuple[str, str]:
     from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
     from loracaptioner.lora import decoder_lora_config
 
-    folder = tmp_path_factory.mktemp("adapter")
+    model_dir, folder = image_bound_model_dir, tmp_path_factory.mktemp("adapter")
     base = LoraCaptionerForConditionalGeneration.from_pretrained(model_dir)
     config = decoder_lora_config(base, r=4, alpha=8, dropout=0.0)
     config.init_lora_weights = False
@@ -172,12 +185,12 @@ def adapter(model_dir, tmp_path_factory) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def int8_run(model_dir, adapter, torchao_path, tmp_path_factory) -> tuple[dict, Path, list[str]]:
+def int8_run(image_bound_model_dir, adapter, torchao_path, tmp_path_factory) -> tuple[dict, Path, list[str]]:
     """The USER script's report, its folder (with the saved int8 model) and its images."""
     work = tmp_path_factory.mktemp("int8")
     paths = write_images(work / "images")
-    report = run_python(USER, [model_dir, *adapter, str(work / "saved"), str(work / "captions.jsonl"), *paths],
-                        torchao_path, work)
+    report = run_python(USER, [image_bound_model_dir, *adapter, str(work / "saved"), str(work / "captions.jsonl"),
+                               *paths], torchao_path, work)
     return report, work, paths
 
 
@@ -186,7 +199,7 @@ def test_int8_cli_captions_equal_the_quantized_models_own_generate(int8_run):
     assert report["code"] == 0
     assert report["cli"] == report["reference"] == report["loaded"]
     assert all(report["cli"]), report["cli"]
-    assert report["int8_vs_float_max_logit_diff"] > 0  # int8 is not float under another name
+    assert report["cli"] != report["float"]  # int8 is not float under another name
 
 
 def test_int8_puts_the_image_encoders_linear_layers_in_torchao_int8_and_keeps_the_decoder_in_float(int8_run):

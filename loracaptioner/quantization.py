@@ -48,7 +48,8 @@ def torchao_config(name: str):
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig
 
     # int8 weights and int8 activations (scaled per token at run time): int8 x int8 matrix products (aten._int_mm).
-    # int8 weights alone (Int8WeightOnlyConfig) turn back into float before every product: slower than float32.
+    # int8 weights alone (Int8WeightOnlyConfig) turn back into float before every product: measured no faster than
+    # float32, and slower than bfloat16 alone.
     return Int8DynamicActivationInt8WeightConfig()
 
 
@@ -61,12 +62,14 @@ def quantization_config(name: str):
 
 def quantize(model: nn.Module, name: str) -> nn.Module:
     """`model`, already in memory (say, with an adapter merged into it), quantized in place as `from_pretrained(...,
-    quantization_config=quantization_config(name))` quantizes the same weights while loading them."""
+    quantization_config=quantization_config(name))` quantizes the same weights while loading them. For captioning:
+    its config does not say it is quantized, so to save an int8 model, save the float one and load it with
+    `quantization_config` (then `save_pretrained`)."""
     from torchao.quantization import quantize_
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    def converted(module: nn.Module, name: str) -> bool:  # what from_pretrained converts: Linear weights not skipped
-        return isinstance(module, nn.Linear) and should_convert_module(f"{name}.weight", MODULES_TO_NOT_CONVERT)
+    def converted(module: nn.Module, module_name: str) -> bool:  # as from_pretrained: Linear weights not skipped
+        return isinstance(module, nn.Linear) and should_convert_module(f"{module_name}.weight", MODULES_TO_NOT_CONVERT)
 
     with torch.no_grad():
         quantize_(model, torchao_config(name), filter_fn=converted)

@@ -69,8 +69,9 @@ PARITY = 0.05  # ratios within 5% of 1 are called parity: run-to-run noise on a 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 # The peers get the treatments of `loracaptioner caption`'s own flags.
 PEER_FLAGS = ("default", "--dtype auto", "--quantize int8")
-PARTS = ("A", "B", "C", "D", "E", "F", "quality", "peers")
+PARTS = ("A", "B", "C", "D", "E", "F", "quality", "peers", "export")
 NAIVE = "naive original (i)"
+EXPORTED = "OpenVINO (loracaptioner.export)"
 OURS = "LoraCaptioner"
 
 
@@ -170,7 +171,8 @@ def image_size(model: nn.Module) -> int:
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
-    return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+    """The dtype its inputs take: its floating parameters' (an exported model has none: its own `dtype`)."""
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), getattr(model, "dtype", None))
 
 
 # ------------------------------------------------------------------------------------------------- shipped paths
@@ -225,6 +227,22 @@ def describe(treatment: Treatment) -> str:
             parts.append(f"{key}=TorchAoConfig({type(value.quant_type).__name__}(), "
                          f"modules_to_not_convert={value.modules_to_not_convert})")
     return ", ".join(parts) or "–"
+
+
+def exported_openvino(ours_dir: str, workdir: str, device: str) -> tuple[nn.Module | None, str]:
+    """LoraCaptioner exported with `loracaptioner.export.export(folder, out, backend="openvino")` and loaded with
+    `ExportedCaptioner.from_pretrained(out)` (OpenVINO's own precision choice), or why not; and a note."""
+    if not device.startswith("cpu"):
+        return None, "CPU only here"
+    try:
+        import openvino  # noqa: F401
+
+        from loracaptioner.export import ExportedCaptioner, export
+    except ImportError as error:
+        return None, f"not available ({error})"
+    start = time.perf_counter()
+    folder = export(ours_dir, Path(workdir) / "openvino", backend="openvino")
+    return ExportedCaptioner.from_pretrained(folder), f"exported and loaded in {time.perf_counter() - start:.0f} s"
 
 
 def load_saved(cls, folder: str, treatment: Treatment, device: str) -> nn.Module:
@@ -714,7 +732,12 @@ def main(argv=None) -> str:
             for t in usable}
     fp32_label = next(iter(ours))
     auto_label = next((f"{t.name} ({t.flag})" for t in usable if t.flag == "--dtype auto"), fp32_label)
-    shipped_labels = list(ours)
+    if "export" not in skip:
+        exported, note = exported_openvino(ours_dir, workdir.name, device)
+        report(f"| `loracaptioner.export` (OpenVINO) | `export(folder, out, backend=\"openvino\")`, "
+               f"`ExportedCaptioner.from_pretrained(out)` | {'yes, ' if exported else ''}{note} |")
+        if exported is not None:
+            ours[EXPORTED] = exported
     naive = NaiveOriginal(sh).to(device).eval()
     peers: dict[tuple[str, str], nn.Module] = {}
     if "peers" not in skip and "A" not in skip:
@@ -725,6 +748,7 @@ def main(argv=None) -> str:
             for treatment in (t for t in usable if t.flag in PEER_FLAGS):
                 peers[(name, treatment.name)] = load_saved(type_of_peer(name), folder, treatment, device)
             gc.collect()
+    shipped_labels = list(ours)
     now = section_done("loading", now)
     report(f"\nbatch {args.batch} (A, C) and 1 (B), {args.tokens} new tokens forced (`min_new_tokens = "
            f"max_new_tokens`, no repetition processors), so every row does equal work; {repeats} timed round(s) per "
@@ -738,7 +762,8 @@ def main(argv=None) -> str:
         extra = {(OURS, f"{default_label}, shipped decoding defaults"): (ours[default_label], shipped_defaults_call)}
         extra[(NAIVE, "fp32, shipped decoding defaults")] = (naive, shipped_defaults_call)
         rows += captioning(report, args, "A", args.batch, 1, {**models, **peers}, repeats, extra)
-        a_ours = [row for row in rows if row.workload == "A" and row.model == OURS and row.treatment in ours]
+        a_ours = [row for row in rows if row.workload == "A" and row.model == OURS and row.treatment in ours
+                  and row.treatment != EXPORTED]  # the torch paths: the one torch.compile can take
         fastest_label = min(a_ours, key=lambda row: row.seconds).treatment
         now = section_done("A", now)
     peers.clear()
@@ -775,7 +800,7 @@ def main(argv=None) -> str:
     quality: dict = {}
     if "quality" not in skip:
         report("\n## Quality guards\n")
-        others = {label: model for label, model in ours.items() if label != fp32_label}
+        others = {label: model for label, model in ours.items() if label not in (fp32_label, EXPORTED)}
         if others:
             quality["top1"] = next_token_agreement(others, ours[fp32_label], sh["t5"]["vocab_size"], device)
             report(f"Top-1 next token under teacher forcing vs fp32, {'tiny' if args.tiny else 'full-size'} shapes, "
@@ -956,6 +981,9 @@ def targets(rows: list[Row], shipped: list[str], train: dict, epochs: dict | Non
                 value = peer.seconds / a.seconds
                 out.append(["A: ≥ 1.3× the fastest peer with the same treatment",
                             f"{a.treatment} vs {peer.model} {treatment}: {ratio(value)}", status(value >= 1.3)])
+            else:
+                out.append(["A: ≥ 1.3× the fastest peer with the same treatment",
+                            f"{a.treatment}: no peer row with this treatment", status(None)])
     b, naive_b = best("B"), seconds("B", NAIVE, "fp32")
     if b and naive_b:
         value = b.seconds / naive_b[0].seconds

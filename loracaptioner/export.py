@@ -7,9 +7,11 @@
 `ExportedCaptioner.from_pretrained(out_dir)` runs them behind transformers' own `generate()` (greedy, beam search,
 logits processors, the model's generation defaults), the KV cache held in torch tensors between the graphs.
 
-Measured (bench/export_candidates.md, AVX-512 with avx512_bf16, no AMX, 2 cores; full-size random weights, batch 8,
-greedy, 20 tokens): OpenVINO in bf16 1.33x torch bf16, 1.75x OpenVINO fp32 over torch fp32 at exact parity. The
-`openvino` package is needed to export and to run (`pip install openvino`, plus `nncf` for `quantize="int8"`).
+Measured (bench/export_candidates.md; AMD EPYC, AVX-512 with avx512_bf16 and VNNI, no AMX, 2 cores; full-size random
+weights, 20 tokens, one run, medians of 3): OpenVINO bf16 is 1.29x torch bf16 on batch 8 greedy and 1.40x on batch 1,
+but 0.88x on batch 8 beam 4 (`generate()` reorders the whole cache, the export's fp32 cross-attention keys/values
+included, at every step); OpenVINO fp32 is 1.9x torch fp32 with identical ids. The `openvino` package is needed to
+export and to run (`pip install openvino`, plus `nncf` for `quantize="int8"`).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 class DecodeStep(nn.Module):
     """One decoder step on a cache that already holds the cross-attention keys/values. Returns the logits and the
     self-attention cache only, so the exported graph neither copies the unchanged cross-attention cache out at every
-    step nor passes the image tokens through (as the model's own `Seq2SeqLMOutput` would): on batch 8 at full size
-    that copying made OpenVINO bf16 0.84x torch bf16 instead of 1.33x."""
+    step nor passes the image tokens through (as the model's own `Seq2SeqLMOutput` would): with those copies, OpenVINO
+    bf16 took 1.77 s on full-size batch-8 greedy, without them 1.08 s (bench/export_candidates.py, first two runs)."""
 
     def __init__(self, model: LoraCaptionerForConditionalGeneration):
         super().__init__()
@@ -151,7 +153,6 @@ class ExportedCaptioner(PreTrainedModel, GenerationMixin):
 
     config_class = LoraCaptionerConfig
     main_input_name = "pixel_values"
-    _supports_cache_class = True
 
     def __init__(self, exported: ExportedModel):
         super().__init__(exported.config)

@@ -89,16 +89,22 @@ def caption_command(args: argparse.Namespace) -> int:
         raise UsageError("no inputs found")
     output_format = records_io.output_format_of(args.output, args.format)
     generation = generation_kwargs(args)
+    dtype = pick_dtype(args.dtype, device, args.quantize)
+    if state.num_processes > 1:  # one dtype for the whole run: rank 0's (`--dtype auto` measures in each process)
+        from accelerate.utils import broadcast_object_list
+
+        dtype = broadcast_object_list([dtype])[0]
     job = CaptionJob(
         output=args.output, output_format=output_format, batch_size=args.batch_size, num_workers=args.num_workers,
         prompt=args.prompt, generation=generation, seed=args.seed, quiet=args.quiet, split=args.split,
         push_to_hub=args.push_to_hub, hub_private=args.hub_private,
-        settings={"model": args.model, "revision": args.revision, "adapter": args.adapter, "dtype": args.dtype,
+        settings={"model": args.model, "revision": args.revision, "adapter": args.adapter,
+                  "dtype": str(dtype).removeprefix("torch."), "quantize": args.quantize,
                   "prompt": args.prompt, "generation": generation, "batch_size": args.batch_size, "seed": args.seed},
     )
     try:
-        return caption_shards(shards, job, lambda: load_model(args.model, args.revision, args.adapter, device,
-                                                              pick_dtype(args.dtype, device)), state)
+        return caption_shards(shards, job, lambda: load_model(args.model, args.revision, args.adapter, device, dtype,
+                                                              args.quantize), state)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -91,7 +91,8 @@ def caption_files(args) -> int:
     if not specs:
         raise UsageError("no inputs found")
     device = pick_device(args.device)
-    model, processor = load_model(args.model, args.revision, args.adapter, device, pick_dtype(args.dtype, device))
+    dtype = pick_dtype(args.dtype, device, args.quantize)
+    model, processor = load_model(args.model, args.revision, args.adapter, device, dtype, args.quantize)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     generation = generation_kwargs(args)

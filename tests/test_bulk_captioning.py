@@ -31,7 +31,7 @@ from loracaptioner.cli import main
 NUM_SHARDS, PER_SHARD = 6, 4
 BAD_SAMPLES = {(1, 2): b"not a jpeg", (4, 0): b""}  # (shard, sample) -> image bytes that do not decode
 NO_IMAGE = (5, 3)  # a sample with a caption and no image
-OPTIONS = ["--max-new-tokens", "6"]  # short captions: a fast test
+OPTIONS = ["--max-new-tokens", "6", "--dtype", "float32"]  # short captions: a fast test; float32 = generate()'s
 
 
 def jpeg(seed: int, size=(320, 240)) -> bytes:

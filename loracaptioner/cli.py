@@ -119,6 +119,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="upload the captions as a Hub dataset repo")
     merge.add_argument("--hub-private", action="store_true", help="create that dataset repo private")
 
+    exporting = commands.add_parser(
+        "export", help="export a model to OpenVINO or ONNX Runtime; `loracaptioner caption OUTPUT ...` runs the export",
+        description="Write MODEL (a LoraCaptioner folder or Hub id, adapter merged) as three graphs (image encoder, "
+                    "first decoder step, decoder step with a KV cache) through transformers.exporters, with its "
+                    "config, generation defaults and processor. `loracaptioner caption OUTPUT IMAGES` runs it on the "
+                    "CPU: greedy, sampling and beam search through generate(); --dtype auto runs OpenVINO in bfloat16 "
+                    "where bfloat16 is measured faster. Needs `pip install openvino` (plus nncf for --quantize int8) "
+                    "or onnxruntime. Which path is fastest on which CPU: the README's Speed section.")
+    exporting.add_argument("model", help="LoraCaptioner folder or Hub id (float32 weights, no separate adapter)")
+    exporting.add_argument("output", help="folder to write the export to")
+    exporting.add_argument("--backend", default="openvino", choices=("openvino", "onnx"),
+                           help="openvino (default: the faster one measured, bench/export_candidates.md) or onnx")
+    exporting.add_argument("--quantize", default="none", choices=("none", "int8"),
+                           help="int8 weights (OpenVINO: NNCF weight compression; ONNX: dynamic int8). Measured: "
+                                "faster at batch 1, less agreement with float32 than bfloat16")
+
     convert = commands.add_parser(
         "convert-original", help="import the original LoraCaptioner's projection.pt and LoRA adapter",
         description="Write the original LoraCaptioner's projection.pt (its bridge) and peft LoRA adapter (for "
@@ -162,6 +178,24 @@ def convert_original(args: argparse.Namespace) -> int:
         raise UsageError(str(error).replace("\n", " ")) from None
 
 
+def export_model(args: argparse.Namespace) -> int:
+    try:
+        from .export import export
+    except ImportError as error:
+        raise UsageError(f"export needs transformers.exporters: {error}") from None
+    try:
+        folder = export(args.model, args.output, backend=args.backend,
+                        quantize=None if args.quantize == "none" else args.quantize)
+    except ImportError as error:  # openvino, nncf or onnxruntime missing
+        needs = "openvino nncf" if args.backend == "openvino" else "onnxruntime onnx onnxscript"
+        raise UsageError(f"--backend {args.backend}: {error} (pip install {needs})") from None
+    except (ValueError, OSError) as error:  # not a LoraCaptioner, an unreadable folder
+        raise UsageError(f"cannot export {args.model!r}: {str(error).splitlines()[0]}") from None
+    print(f"loracaptioner: exported {args.model} to {folder} ({args.backend}); caption with: loracaptioner caption "
+          f"{folder} IMAGES", file=sys.stderr)
+    return 0
+
+
 def merge(args: argparse.Namespace) -> int:
     from .bulk import merge_command
 
@@ -171,7 +205,8 @@ def merge(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"caption": caption, "merge": merge, "convert-original": convert_original}[args.command](args)
+        return {"caption": caption, "merge": merge, "convert-original": convert_original,
+                "export": export_model}[args.command](args)
     except UsageError as error:
         print(f"loracaptioner: error: {error}", file=sys.stderr)
         return 2

@@ -78,3 +78,43 @@ def test_export_names_the_backends_it_knows(tmp_path):
         export(tmp_path, tmp_path / "out", backend="tensorrt")
     with pytest.raises(ValueError, match="quantize must be None or 'int8'"):
         export(tmp_path, tmp_path / "out", quantize="int4")
+
+
+CLI_THROUGH_EXPORT = textwrap.dedent("""
+    import json, sys
+    from loracaptioner.cli import main
+
+    model_dir, exported, images = sys.argv[1], sys.argv[2], sys.argv[3:]
+    assert main(["export", model_dir, exported]) == 0
+    captions = {}
+    for name, folder, dtype in [("torch", model_dir, "float32"), ("export", exported, "float32"),
+                                ("export auto", exported, "auto")]:
+        output = f"{exported}/{name.replace(' ', '_')}.jsonl"
+        assert main(["caption", folder, *images, "--dtype", dtype, "--output", output, "--quiet"]) == 0
+        with open(output) as lines:
+            captions[name] = {row["path"]: row["caption"] for row in map(json.loads, lines)}
+    refused = main(["caption", exported, images[0], "--quantize", "int8", "--quiet"])
+    print(json.dumps({"captions": captions, "refused": refused}))
+""")
+
+
+def test_the_cli_exports_and_captions_with_the_export_as_with_the_torch_model(openvino_path, model_dir, images,
+                                                                              tmp_path):
+    """`loracaptioner export MODEL OUT` then `loracaptioner caption OUT ...`: float32 captions equal the torch model's
+    through the same command; --dtype auto (bfloat16 where measured faster) captions every image; a quantization asked
+    of an export is refused with exit 2."""
+    paths = []
+    for number, image in enumerate(images):
+        paths.append(str(tmp_path / f"{number}.png"))
+        image.save(paths[-1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(openvino_path), str(REPO)])}
+    result = subprocess.run([sys.executable, "-c", CLI_THROUGH_EXPORT, model_dir, str(tmp_path / "exported"), *paths],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    captions = answer["captions"]
+    assert captions["export"] == captions["torch"]
+    assert len(captions["torch"]) == len(images) and all(captions["torch"].values())
+    assert set(captions["export auto"]) == set(captions["torch"])
+    assert answer["refused"] == 2
+    assert "quantize when exporting" in result.stderr

@@ -237,11 +237,17 @@ def exported_openvino(ours_dir: str, workdir: str, device: str) -> tuple[nn.Modu
     try:
         import openvino  # noqa: F401
 
-        from loracaptioner.export import ExportedCaptioner, export
+        from loracaptioner.export import ExportedCaptioner
     except ImportError as error:
         return None, f"not available ({error})"
     start = time.perf_counter()
-    folder = export(ours_dir, Path(workdir) / "openvino", backend="openvino")
+    folder = Path(workdir) / "openvino"
+    # In a process of its own: tracing and converting leave gigabytes behind that this process would keep.
+    code = f"from loracaptioner.export import export; export({ours_dir!r}, {str(folder)!r}, backend='openvino')"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode:
+        lines = done.stderr.strip().splitlines()
+        return None, f"export failed: {lines[-1] if lines else done.returncode}"
     return ExportedCaptioner.from_pretrained(folder), f"exported and loaded in {time.perf_counter() - start:.0f} s"
 
 
@@ -383,6 +389,10 @@ def probe(spec: dict, args) -> dict:
     result = {"interpreter_bytes": _peak_bytes(device)}
     if spec["model"] == NAIVE:
         model = NaiveOriginal(sh).to(device).eval()
+    elif spec["model"] == EXPORTED:
+        from loracaptioner.export import ExportedCaptioner
+
+        model = ExportedCaptioner.from_pretrained(spec["folder"])
     else:
         treatment = next(t for t in shipped_treatments(device) if t.flag == spec["flag"])
         model = load_saved(LoraCaptionerForConditionalGeneration, spec["folder"], treatment, device)
@@ -834,7 +844,8 @@ def main(argv=None) -> str:
 
     memory: dict[str, float] = {}
     if "F" not in skip:
-        memory = peak_memory(report, args, ours_dir, usable)
+        exported_dir = str(Path(workdir.name) / "openvino") if EXPORTED in shipped_labels else None
+        memory = peak_memory(report, args, ours_dir, usable, exported_dir)
         now = section_done("F", now)
     workdir.cleanup()
 
@@ -871,7 +882,8 @@ def training_step(report: Report, args) -> dict[str, float]:
     return train
 
 
-def peak_memory(report: Report, args, ours_dir: str, usable: list[Treatment]) -> dict[str, float]:
+def peak_memory(report: Report, args, ours_dir: str, usable: list[Treatment], exported_dir: str | None
+                ) -> dict[str, float]:
     """F: peak memory of the naive model and of each shipped path, each in a fresh process (MiB by row label)."""
     measured = ("peak allocated CUDA memory" if args.device.startswith("cuda")
                 else "peak RSS, the interpreter and torch included")
@@ -879,6 +891,8 @@ def peak_memory(report: Report, args, ours_dir: str, usable: list[Treatment]) ->
     specs = [{"model": NAIVE, "label": "naive original (i), fp32"}]
     specs += [{"model": OURS, "flag": t.flag, "folder": ours_dir, "label": f"{OURS} {t.name} ({t.flag})"}
               for t in usable]
+    if exported_dir is not None:
+        specs.append({"model": EXPORTED, "folder": exported_dir, "label": f"{OURS} {EXPORTED}"})
     memory, table = {}, []
     for spec in specs:
         result = measure_memory(spec, args)
@@ -1009,11 +1023,11 @@ def targets(rows: list[Row], shipped: list[str], train: dict, epochs: dict | Non
     if epochs is None:
         out.append(["E: later cached epochs ≤ 1/3 of the first", "–", status(None)])
     naive_peak = memory.get("naive original (i), fp32")
-    fast = [(peak, label) for label, peak in memory.items() if label.startswith(OURS) and "(default)" not in label]
-    if naive_peak and fast:
-        peak, label = min(fast)
-        out.append(["F: peak RSS of the shipped fast path ≤ 0.6× naive", f"{label}: {peak / naive_peak:.2f}×",
-                    status(peak / naive_peak <= 0.6)])
+    for label, peak in memory.items():
+        if naive_peak and label.startswith(OURS) and "(default)" not in label:
+            value = peak / naive_peak
+            out.append([f"F: peak memory ≤ 0.6× naive ({label.removeprefix(OURS + ' ')})", f"{value:.2f}×",
+                        status(value <= 0.6)])
     for flag, share in quality.get("captions", {}).items():
         out.append([f"quality: ≥ 98% identical captions vs fp32 ({flag})", f"{share:.1%}", status(share >= 0.98)])
     for label, share in quality.get("top1", {}).items():

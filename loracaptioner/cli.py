@@ -188,7 +188,8 @@ def export_model(args: argparse.Namespace) -> int:
                         quantize=None if args.quantize == "none" else args.quantize)
     except ImportError as error:  # openvino, nncf or onnxruntime missing
         needs = "openvino nncf" if args.backend == "openvino" else "onnxruntime onnx onnxscript"
-        raise UsageError(f"--backend {args.backend}: {error} (pip install {needs}, or: pip install "loracaptioner[{args.backend}]")") from None
+        raise UsageError(f"--backend {args.backend}: {error} (pip install {needs}, or: pip install "
+                         f"'loracaptioner[{args.backend}]')") from None
     except (ValueError, OSError) as error:  # not a LoraCaptioner, an unreadable folder
         raise UsageError(f"cannot export {args.model!r}: {str(error).splitlines()[0]}") from None
     print(f"loracaptioner: exported {args.model} to {folder} ({args.backend}); caption with: loracaptioner caption "

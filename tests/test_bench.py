@@ -37,7 +37,7 @@ def demo_like_data(model_dir, images, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def tiny_run(model_dir, demo_like_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.md"
-    text = bench.main(["--tiny", "--quick", "--skip", "F", "--markdown", str(out), "--quality-model", model_dir,
+    text = bench.main(["--tiny", "--quick", "--skip", "F,export", "--markdown", str(out), "--quality-model", model_dir,
                        "--quality-data", demo_like_data])
     return text, out
 
@@ -45,7 +45,7 @@ def tiny_run(model_dir, demo_like_data, tmp_path_factory):
 def test_the_markdown_is_the_runs_own_output_and_names_its_command(tiny_run):
     text, out = tiny_run
     assert out.read_text() == text
-    assert "python bench/bench.py --tiny --quick --skip F --markdown" in text
+    assert "python bench/bench.py --tiny --quick --skip F,export --markdown" in text
 
 
 def test_the_run_names_the_machine_and_its_isa(tiny_run):
@@ -166,7 +166,7 @@ def test_gpu_script_runs_the_bench_with_flags_it_accepts(tmp_path):
     argv[argv.index("--device") + 1] = "cpu"
     argv[argv.index("--markdown") + 1] = str(tmp_path / "results-gpu.md")
     argv.remove("--compile")  # compiling on a CPU takes minutes; bench.compile_rows is what runs on the GPU
-    text = bench.main(argv + ["--tiny", "--skip", "E,F,quality,peers"])
+    text = bench.main(argv + ["--tiny", "--skip", "E,F,quality,peers,export"])
     assert ["naive original (i)", "bf16 autocast"] in [row[:2] for row in table_rows(text, "naive original (i)")]
     assert ["LoraCaptioner", "bf16 autocast"] in [row[:2] for row in table_rows(text, "LoraCaptioner")]
     assert (tmp_path / "results-gpu.md").read_text() == text

@@ -30,9 +30,9 @@ from PIL import Image
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
+    PrinterCallback,
     Seq2SeqTrainingArguments,
     T5Config,
-    PrinterCallback,
     T5Tokenizer,
     TrainerCallback,
 )

@@ -174,7 +174,8 @@ VISION_FEATURES_COLUMN = "vision_features"
 @dataclass
 class CaptionCollator:
     """Rows {`image` | `vision_features`, `caption` | `references`} -> `pixel_values` (or the cached features, in the
-    dtype they were stored in, as the model's `image_features` input: the model casts them to its own), `labels` (padding = -100, at most the processor's `max_target_length` tokens)
+    dtype they were stored in, as the model's `image_features` input: the model casts them to its own), `labels`
+    (padding = -100, at most the processor's `max_target_length` tokens)
     and, given the model, `decoder_input_ids` (the labels shifted right, made by the model's own
     `prepare_decoder_input_ids_from_labels`, as in `DataCollatorForSeq2Seq`): the Trainer's label smoother takes
     `labels` away from the model, which then needs them. Images are decoded here, lazily; for evaluation rows, the

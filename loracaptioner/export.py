@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.exporters import ExportedModel
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput

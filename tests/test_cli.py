@@ -19,8 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor
-from loracaptioner import loading
+from loracaptioner import LoraCaptionerForConditionalGeneration, LoraCaptionerProcessor, loading
 from loracaptioner.cli import main
 from loracaptioner.loading import BF16_MARGIN, bf16_speedup, pick_dtype
 

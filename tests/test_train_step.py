@@ -3,11 +3,11 @@
 
 import pytest
 import torch
+from conftest import IMAGE_SIZE
 from peft import get_peft_model
 
 from loracaptioner import LoraCaptionerForConditionalGeneration
 from loracaptioner.lora import decoder_lora_config, quiet_peft
-from conftest import IMAGE_SIZE
 
 
 def lora_model(model, checkpointing: bool = False):

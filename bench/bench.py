@@ -3,7 +3,7 @@ the vision-feature cache across epochs and peak memory, against the original des
 against three peer captioners, all in one run, on the same inputs, with random weights (speed does not depend on them).
 
     PYTHONPATH=/tmp/pk_ao python bench/bench.py --markdown bench/results.md \\
-        --quality-model outputs/demo/model --quality-data outputs/demo/data/test    # the full run
+        --quality-model outputs/demo/model --quality-data outputs/demo/data/validation    # the full run
     python bench/bench.py --quick              # full-size shapes, one repeat: a smoke run
     python bench/bench.py --tiny --quick       # tiny shapes, seconds (tests/test_bench.py)
     python bench/bench.py --device cuda        # the same rows on a GPU (bench/gpu.sh)

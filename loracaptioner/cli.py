@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     exporting.add_argument("output", help="folder to write the export to")
     exporting.add_argument("--backend", default="openvino", choices=("openvino", "onnx"),
                            help="openvino (default: the faster one measured, bench/export_candidates.md) or onnx")
-    exporting.add_argument("--quantize", default="none", choices=("none", "int8"),
+    exporting.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
                            help="int8 weights (OpenVINO: NNCF weight compression; ONNX: dynamic int8). Measured: "
                                 "faster at batch 1, less agreement with float32 than bfloat16")
 
@@ -180,16 +180,14 @@ def convert_original(args: argparse.Namespace) -> int:
 
 def export_model(args: argparse.Namespace) -> int:
     try:
-        from .export import export
+        from .export import INSTALL_HINTS, export
     except ImportError as error:
         raise UsageError(f"export needs transformers.exporters: {error}") from None
     try:
         folder = export(args.model, args.output, backend=args.backend,
                         quantize=None if args.quantize == "none" else args.quantize)
     except ImportError as error:  # openvino, nncf or onnxruntime missing
-        needs = "openvino nncf" if args.backend == "openvino" else "onnxruntime onnx onnxscript"
-        raise UsageError(f"--backend {args.backend}: {error} (pip install {needs}, or: pip install "
-                         f"'loracaptioner[{args.backend}]')") from None
+        raise UsageError(f"--backend {args.backend}: {error} ({INSTALL_HINTS[args.backend]})") from None
     except (ValueError, OSError) as error:  # not a LoraCaptioner, an unreadable folder
         raise UsageError(f"cannot export {args.model!r}: {str(error).splitlines()[0]}") from None
     print(f"loracaptioner: exported {args.model} to {folder} ({args.backend}); caption with: loracaptioner caption "

@@ -17,6 +17,7 @@ export and to run (`pip install openvino`, plus `nncf` for `quantize="int8"`).
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ from .remote_code.configuration_loracaptioner import LoraCaptionerConfig
 from .remote_code.modeling_loracaptioner import LoraCaptionerForConditionalGeneration
 
 BACKENDS = ("openvino", "onnx")
+# What to install for a backend: to export (nncf only for int8 with OpenVINO) and to run an export.
+INSTALL_HINTS = {"openvino": "pip install 'loracaptioner[openvino]'", "onnx": "pip install 'loracaptioner[onnx]'"}
 # Precision OpenVINO computes in, by name. Its CPU plugin picks bf16 by itself on a CPU with avx512_bf16 or AMX.
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 
@@ -48,6 +51,11 @@ class DecodeStep(nn.Module):
         outputs = self.model(decoder_input_ids=decoder_input_ids, encoder_outputs=encoder_outputs, cache=cache,
                              use_cache=True)
         return outputs.logits, outputs.cache.self_attention_cache
+
+
+def backend_of(folder: str | Path) -> str:
+    """The backend an `export()` folder was written for (`BACKENDS`), from its `export.json`."""
+    return json.loads((Path(folder) / "export.json").read_text())["export_format"]
 
 
 def _empty_cache(config: LoraCaptionerConfig) -> EncoderDecoderCache:
@@ -165,10 +173,7 @@ class ExportedCaptioner(PreTrainedModel, GenerationMixin):
     def from_pretrained(cls, folder: str | Path, precision: str | None = None, **runner_kwargs) -> ExportedCaptioner:
         """Load an `export()` folder. precision (OpenVINO): `"bf16"` or `"fp32"`; `None` leaves OpenVINO's choice (bf16
         on a CPU with avx512_bf16 or AMX). `runner_kwargs` go to the backend's runner (`session_options`, `config`)."""
-        import json
-
-        backend = json.loads((Path(folder) / "export.json").read_text())["export_format"]
-        if backend == "openvino":
+        if backend_of(folder) == "openvino":
             runner_kwargs.setdefault("device", "cpu")
             if precision is not None:
                 properties = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision]}
@@ -201,4 +206,4 @@ class ExportedCaptioner(PreTrainedModel, GenerationMixin):
                                                                         cache.cross_attention_cache))
 
 
-__all__ = ["BACKENDS", "DecodeStep", "ExportedCaptioner", "export"]
+__all__ = ["BACKENDS", "INSTALL_HINTS", "DecodeStep", "ExportedCaptioner", "backend_of", "export"]

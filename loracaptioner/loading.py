@@ -182,10 +182,12 @@ def load_model(model_id: str, revision: str | None, adapter: str | None, device:
 def load_exported(folder: str, adapter: str | None, device: torch.device, dtype: torch.dtype, quantize: str):
     """A folder written by `loracaptioner export` (export.py): its graphs behind `generate()`, on the CPU, in bf16 or
     fp32 (OpenVINO; `dtype` says which) or fp32 (ONNX Runtime)."""
-    import json
-
     from . import LoraCaptionerProcessor
 
+    try:
+        from .export import INSTALL_HINTS, ExportedCaptioner, backend_of
+    except ImportError as error:  # a transformers without `transformers.exporters`
+        raise UsageError(f"{folder!r} is an export, which needs transformers.exporters: {first_line(error)}") from None
     if adapter is not None:
         raise UsageError(f"{folder!r} is an export: it runs the weights it was exported with (give `loracaptioner "
                          "export` a model with the adapter merged in); --adapter does not apply")
@@ -193,19 +195,17 @@ def load_exported(folder: str, adapter: str | None, device: torch.device, dtype:
         raise UsageError(f"{folder!r} is an export: quantize when exporting (loracaptioner export --quantize int8)")
     if device.type != "cpu":
         raise UsageError(f"{folder!r} is an export, which runs on the CPU: use --device cpu, or the torch model")
-    backend = json.loads((Path(folder) / "export.json").read_text()).get("export_format")
+    backend = backend_of(folder)
     if dtype not in (torch.float32, torch.bfloat16):
         raise UsageError(f"an export runs in float32 or bfloat16, not {str(dtype).removeprefix('torch.')}")
     if backend != "openvino" and dtype != torch.float32:
         announce(f"{folder!r} is an ONNX Runtime export: it computes in float32")
         dtype = torch.float32
     try:
-        from .export import ExportedCaptioner
-
         model = ExportedCaptioner.from_pretrained(folder, precision="bf16" if dtype == torch.bfloat16 else "fp32")
     except ImportError as error:  # the backend's package is missing
-        raise UsageError(f"cannot run the {backend} export {folder!r}: {first_line(error)} (pip install "
-                         f"{'openvino' if backend == 'openvino' else 'onnxruntime'})") from None
+        raise UsageError(f"cannot run the {backend} export {folder!r}: {first_line(error)} "
+                         f"({INSTALL_HINTS[backend]})") from None
     except Exception as error:
         raise UsageError(f"cannot load the export {folder!r}: {first_line(error)}") from None
     try:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +36,6 @@ from loracaptioner.export import ExportedCaptioner, export  # noqa: E402
 
 EXPORT_DIR = Path("/tmp/loracaptioner_export_candidates")
 TOKENS = 20
-EQUAL_WORK = {"do_sample": False, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "length_penalty": 1.0}
 # OpenVINO's CPU plugin runs a float32 graph in bf16 on a CPU with avx512_bf16 unless told otherwise (the exporter
 # records f32 in the graph's rt_info, which the plugin ignores): each OpenVINO candidate names its precision.
 EXPORTS = [("openvino", "openvino", None), ("openvino-int8", "openvino", "int8"), ("onnx", "onnx", None),
@@ -68,9 +67,11 @@ def forced_ids(model, pixel_values: torch.Tensor, forced: torch.Tensor) -> torch
 
 
 def caption_ids(model, pixel_values: torch.Tensor, beams: int) -> torch.Tensor:
-    with torch.inference_mode():
-        return model.generate(pixel_values=pixel_values.to(model.dtype), num_beams=beams, max_new_tokens=TOKENS,
-                              min_new_tokens=TOKENS, **EQUAL_WORK)
+    return bench.caption_call(model, pixel_values.to(model.dtype), TOKENS, beams)
+
+
+def caption_into(outputs: dict, label: str, model, pixel_values: torch.Tensor, beams: int) -> None:
+    outputs[label] = caption_ids(model, pixel_values, beams)
 
 
 def export_all(folder: Path, tiny: bool) -> None:
@@ -83,19 +84,11 @@ def export_all(folder: Path, tiny: bool) -> None:
 
 
 def isa() -> str:
-    flags = set()
-    try:
-        flags = set(subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split())
-    except OSError:
-        pass
-    wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8"]
-    model_name = ""
-    if Path("/proc/cpuinfo").exists():
-        model_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                           if line.startswith("model name")), "")
-    present = " ".join(flag for flag in wanted if flag in flags)
-    return (f"{model_name}, {os.cpu_count()} CPUs, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-            f"flags: {present}")
+    cpu = bench.lscpu()
+    flags = set(cpu.get("Flags", "").split())
+    present = " ".join(flag for flag in bench.ISA_FLAGS if flag in flags)
+    return (f"{cpu.get('Model name', platform.processor())}, {os.cpu_count()} CPUs, torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}, flags: {present}")
 
 
 def top1_agreement(models: dict, size: int, images: int = 64, batch: int = 8) -> list[str]:
@@ -138,7 +131,8 @@ def time_all(folder: Path, repeats: int, workloads: list[tuple[int, int]]) -> st
     lines = ["# Exported runtimes vs torch, LoraCaptioner captioning on CPU", "",
              f"Written by `bench/export_candidates.py time` (full-size random LoraCaptioner: CLIP ViT-B/16 @224 + "
              f"Flan-T5-base decoder shapes; `generate()`, exactly {TOKENS} new tokens, pixel values ready; the "
-             f"exports through loracaptioner/export.py; {repeats} repeats, interleaved, median seconds).", "",
+             f"exports through loracaptioner/export.py; a full-length warm-up each, then {repeats} rounds, "
+             "interleaved, the order rotated per round; median seconds).", "",
              f"- machine: {isa()}; Python {platform.python_version()}, torch {torch.__version__}, "
              f"torch threads {torch.get_num_threads()}",
              f"- openvino {openvino.__version__}, onnxruntime {onnxruntime.__version__}, "
@@ -146,17 +140,12 @@ def time_all(folder: Path, repeats: int, workloads: list[tuple[int, int]]) -> st
     lines += top1_agreement(models, size)
     for batch, beams in workloads:
         pixel_values = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
-        times = {label: [] for label in models}
-        outputs = {label: caption_ids(m, pixel_values, beams) for label, m in models.items()}  # warm-up per shape
-        for _ in range(repeats):
-            for label, m in models.items():
-                start = time.perf_counter()
-                caption_ids(m, pixel_values, beams)
-                times[label].append(time.perf_counter() - start)
-            print(f"batch {batch} beams {beams}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in times.items()),
-                  flush=True)
-        base = statistics.median(times["torch bf16"])
+        outputs = {}  # each path's ids from its last call
+        calls = {label: functools.partial(caption_into, outputs, label, m, pixel_values, beams)
+                 for label, m in models.items()}
         search = "greedy" if beams == 1 else f"beam {beams}"
+        times = bench.interleaved(calls, repeats, "cpu", label=f"batch {batch} {search}")
+        base = statistics.median(times["torch bf16"])
         lines += [f"## batch {batch}, {search}", "",
                   "| path | median s | all runs s | vs torch bf16 | ids vs torch fp32 |", "|---|---|---|---|---|"]
         for label, runs in times.items():

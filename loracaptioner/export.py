@@ -8,9 +8,9 @@
 logits processors, the model's generation defaults), the KV cache held in torch tensors between the graphs.
 
 Measured (bench/export_candidates.md; AMD EPYC, AVX-512 with avx512_bf16 and VNNI, no AMX, 2 cores; full-size random
-weights, 20 tokens, one run, medians of 3): OpenVINO bf16 is 1.29x torch bf16 on batch 8 greedy and 1.40x on batch 1,
-but 0.88x on batch 8 beam 4 (`generate()` reorders the whole cache, the export's fp32 cross-attention keys/values
-included, at every step); OpenVINO fp32 is 1.9x torch fp32 with identical ids. The `openvino` package is needed to
+weights, 20 tokens, one run, medians of 3): OpenVINO bf16 is 1.32x torch bf16 on batch 8 greedy and 1.63x on batch 1,
+but at parity (0.96x) on batch 8 beam 4 (`generate()` reorders the whole cache, the export's fp32 cross-attention
+keys/values included, at every step); OpenVINO fp32 is 1.9x torch fp32 with identical ids. The `openvino` package is needed to
 export and to run (`pip install openvino`, plus `nncf` for `quantize="int8"`).
 """
 

@@ -182,6 +182,10 @@ class ExportedCaptioner(PreTrainedModel, GenerationMixin):
             raise ValueError(f"ONNX Runtime runs the export in fp32; precision {precision!r} is OpenVINO's.")
         return cls(ExportedModel.from_pretrained(folder, **runner_kwargs))
 
+    # Beam search reorders the self-attention cache only: the image's cross-attention keys/values are the same on all
+    # of its beams (the model's own hook, for the same reason).
+    _reorder_cache = LoraCaptionerForConditionalGeneration._reorder_cache
+
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")

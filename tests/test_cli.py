@@ -359,3 +359,26 @@ def test_an_image_the_processor_rejects_is_one_error_record_and_its_batch_is_cap
     assert records[odd]["error"] == f"{odd}: ValueError: image 1: pretend the processor cannot take this one"
     monkeypatch.setattr(LoraCaptionerProcessor, "__call__", process)
     assert [records[p]["caption"] for p in paths] == generate_captions(model_dir, paths)
+
+
+@pytest.mark.parametrize("max_shard_size", [None, "200KB"])
+def test_the_lean_bfloat16_load_equals_from_pretrained_in_bfloat16(model_dir, tmp_path, max_shard_size):
+    """`--dtype bfloat16` reads a float32 checkpoint one tensor at a time (no float32 copy held while loading): the
+    model must be exactly what `from_pretrained(folder, dtype=torch.bfloat16)` gives, sharded checkpoints too."""
+    folder = model_dir
+    if max_shard_size is not None:
+        folder = str(tmp_path / "sharded")
+        LoraCaptionerForConditionalGeneration.from_pretrained(model_dir).save_pretrained(
+            folder, max_shard_size=max_shard_size)
+        assert (Path(folder) / "model.safetensors.index.json").is_file()
+    reference = LoraCaptionerForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    lean = loading.from_pretrained_lean(folder, torch.bfloat16).eval()
+    expected, got = reference.state_dict(), lean.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(got[name].dtype == torch.bfloat16 and torch.equal(got[name], expected[name]) for name in expected)
+    assert lean.generation_config.to_dict() == reference.generation_config.to_dict()
+    assert lean.config.to_dict() == reference.config.to_dict()
+    assert [p.requires_grad for p in lean.parameters()] == [p.requires_grad for p in reference.parameters()]
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(lean.generate(pixel_values=pixel_values), reference.generate(pixel_values=pixel_values))

@@ -28,6 +28,33 @@ def test_generate_beam_search_returns_num_return_sequences(model, processor, ima
     assert scored.sequences.shape[0] == 6 and scored.sequences_scores.shape == (6,)
 
 
+def test_beam_search_reorders_only_the_self_attention_cache_and_matches_reordering_all_of_it(
+        model, processor, images, monkeypatch):
+    """Every beam of an image holds the same cross-attention keys/values, so beam search leaves them in place (the
+    model's `_reorder_cache`): the beams, scores and beam indices are those of transformers' own reorder of the whole
+    cache, and no tensor as long as the image tokens is reordered."""
+    from transformers.cache_utils import DynamicCache
+
+    inputs = processor(images=images[:3])
+    options = dict(num_beams=4, num_return_sequences=2, max_new_tokens=6, min_new_tokens=6, no_repeat_ngram_size=0,
+                   output_scores=True, return_dict_in_generate=True)
+    image_tokens = model.get_encoder()(inputs["pixel_values"]).last_hidden_state.shape[1]
+    reordered_lengths, reorder = [], DynamicCache.reorder_cache
+
+    def spy(cache, beam_idx):
+        reordered_lengths.append(cache.get_seq_length())
+        return reorder(cache, beam_idx)
+
+    monkeypatch.setattr(DynamicCache, "reorder_cache", spy)
+    ours = model.generate(**inputs, **options)
+    assert reordered_lengths and max(reordered_lengths) < image_tokens  # the self-attention cache only
+    model._reorder_cache = lambda cache, beam_idx: (cache.reorder_cache(beam_idx), cache)[1]  # the whole cache
+    whole = model.generate(**inputs, **options)
+    assert max(reordered_lengths) == image_tokens
+    assert torch.equal(ours.sequences, whole.sequences) and torch.equal(ours.beam_indices, whole.beam_indices)
+    assert torch.allclose(ours.sequences_scores, whole.sequences_scores, atol=0, rtol=0)
+
+
 def test_sampling_is_reproducible_under_a_seed(model, processor, images):
     inputs = processor(images=images[:2])
     runs = []

@@ -64,6 +64,7 @@ from loracaptioner.remote_code.modeling_loracaptioner import CAPTION_GENERATION_
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # Equal work for every model: greedy or beam, exactly `tokens` new tokens, no extra logits processors.
 EQUAL_WORK = {"do_sample": False, "no_repeat_ngram_size": 0, "repetition_penalty": 1.0, "length_penalty": 1.0}
+SLOW_FACTOR = 5  # a row whose warm-up takes over this many times the fastest row's is not repeated (`interleaved`)
 PARITY = 0.05  # ratios within 5% of 1 are called parity: run-to-run noise on a shared machine is of that size
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 # The peers get the treatments of `loracaptioner caption`'s own flags.
@@ -71,6 +72,7 @@ PEER_FLAGS = ("default", "--dtype auto", "--quantize int8")
 PARTS = ("A", "B", "C", "D", "E", "F", "quality", "peers", "export")
 NAIVE = "naive original (i)"
 EXPORTED = "OpenVINO (loracaptioner.export)"
+EXPORT_FLAG = "loracaptioner export (OpenVINO)"
 OURS = "LoraCaptioner"
 
 
@@ -236,18 +238,28 @@ def exported_openvino(ours_dir: str, workdir: str, device: str) -> tuple[nn.Modu
     try:
         import openvino  # noqa: F401
 
-        from loracaptioner.export import ExportedCaptioner
+        import loracaptioner.export  # noqa: F401
     except ImportError as error:
         return None, f"not available ({error})"
     start = time.perf_counter()
-    folder = Path(workdir) / "openvino"
-    # In a process of its own: tracing and converting leave gigabytes behind that this process would keep.
-    code = f"from loracaptioner.export import export; export({ours_dir!r}, {str(folder)!r}, backend='openvino')"
+    try:
+        exported = export_in_subprocess(ours_dir, Path(workdir) / "openvino")
+    except RuntimeError as error:
+        return None, str(error)
+    return exported, f"exported and loaded in {time.perf_counter() - start:.0f} s"
+
+
+def export_in_subprocess(model_dir: str, folder: Path) -> nn.Module:
+    """`export(model_dir, folder, backend="openvino")` in a process of its own (tracing and converting leave gigabytes
+    behind that this process would keep), then `ExportedCaptioner.from_pretrained(folder)`."""
+    from loracaptioner.export import ExportedCaptioner
+
+    code = f"from loracaptioner.export import export; export({model_dir!r}, {str(folder)!r}, backend='openvino')"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
     if done.returncode:
         lines = done.stderr.strip().splitlines()
-        return None, f"export failed: {lines[-1] if lines else done.returncode}"
-    return ExportedCaptioner.from_pretrained(folder), f"exported and loaded in {time.perf_counter() - start:.0f} s"
+        raise RuntimeError(f"export failed: {lines[-1] if lines else done.returncode}")
+    return ExportedCaptioner.from_pretrained(folder)
 
 
 def load_saved(cls, folder: str, treatment: Treatment, device: str) -> nn.Module:
@@ -273,18 +285,25 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(calls: dict, repeats: int, device: str, label: str = "", warmups: dict | None = None
-                ) -> dict[str, list[float]]:
+def interleaved(calls: dict, repeats: int, device: str, label: str = "", warmups: dict | None = None,
+                slow: set | None = None) -> dict[str, list[float]]:
     """Seconds of each call: a full-length warm-up each (its seconds into `warmups`), then `repeats` rounds over all
     calls, the order rotated by one from round to round (so no row is always first, or always right after the same
-    neighbour)."""
+    neighbour). With `slow` (a set), a call whose warm-up took over `SLOW_FACTOR` times the fastest one's is timed no
+    further: its one run is its figure, and its name goes into `slow` (torchao int8 on a CPU without VNNI: ~12x fp32;
+    a minute per call, to be repeated for every peer and round)."""
     names = list(calls)
+    warm_seconds = {}
     for name in names:
-        warm = timed(calls[name], device)
+        warm_seconds[name] = warm = timed(calls[name], device)
         if warmups is not None:
             warmups[name] = warm
         progress(f"{label} warm-up {name}: {warm:.2f} s")
-    times: dict[str, list[float]] = {name: [] for name in names}
+    if slow is not None:
+        slow.update(name for name in names if warm_seconds[name] > SLOW_FACTOR * min(warm_seconds.values()))
+        names = [name for name in names if name not in slow]
+    times: dict[str, list[float]] = {name: [warm_seconds[name]] for name in slow or ()}
+    times.update({name: [] for name in names})
     for round_ in range(repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
@@ -382,8 +401,9 @@ def _reset_peak(device: str) -> None:
 
 def probe(spec: dict, args) -> dict:
     """In a fresh process: load one model (naive: built from its config; LoraCaptioner: `from_pretrained` of the saved
-    folder with a shipped treatment), then one batch-`--batch` greedy caption call. Peak RSS on CPU (peak allocated
-    memory on CUDA): after loading, while running (the peak reset after loading, the resident model included)."""
+    folder with a shipped treatment, a narrower dtype as `loracaptioner caption` loads it), then one batch-`--batch`
+    greedy caption call. Peak RSS on CPU (peak allocated memory on CUDA): after loading, while running (the peak reset
+    after loading, the resident model included)."""
     device, sh = args.device, shapes(args.tiny)
     result = {"interpreter_bytes": _peak_bytes(device)}
     if spec["model"] == NAIVE:
@@ -394,7 +414,14 @@ def probe(spec: dict, args) -> dict:
         model = ExportedCaptioner.from_pretrained(spec["folder"])
     else:
         treatment = next(t for t in shipped_treatments(device) if t.flag == spec["flag"])
-        model = load_saved(LoraCaptionerForConditionalGeneration, spec["folder"], treatment, device)
+        dtype = treatment.kwargs.get("dtype", torch.float32)
+        if dtype != torch.float32 and "quantization_config" not in treatment.kwargs and device == "cpu":
+            # what `loracaptioner caption --dtype ...` loads with: the same weights as from_pretrained(dtype=...)
+            from loracaptioner.loading import from_pretrained_lean
+
+            model = from_pretrained_lean(spec["folder"], dtype).eval()
+        else:
+            model = load_saved(LoraCaptionerForConditionalGeneration, spec["folder"], treatment, device)
     result["load_bytes"] = _peak_bytes(device)
     _reset_peak(device)
     caption_call(model, pixels(model, args.batch, device), args.tokens)
@@ -414,9 +441,10 @@ def measure_memory(spec: dict, args) -> dict:
 
 # ------------------------------------------------------------------------------------------------------- quality
 def identical_captions(model_dir: str, data_dir: str, treatments: list[Treatment], device: str,
-                       batch: int = 32) -> tuple[int, dict[str, float]]:
-    """Greedy captions with the saved generation defaults, each treatment vs fp32 (the default load), on every image
-    of an imagefolder (metadata.jsonl + files): the share of identical captions."""
+                       batch: int = 32, exported: bool = False) -> tuple[int, dict[str, float]]:
+    """Greedy captions with the saved generation defaults, each treatment (and, with `exported`, the model exported
+    to OpenVINO as the export row was) vs fp32 (the default load), on every image of an imagefolder (metadata.jsonl +
+    files): the share of identical captions."""
     from PIL import Image
 
     from loracaptioner import LoraCaptionerProcessor
@@ -438,10 +466,14 @@ def identical_captions(model_dir: str, data_dir: str, treatments: list[Treatment
     torch.set_num_threads(1)  # a small model: with two threads its tiny matmuls mostly wait for each other (~15x)
     try:
         reference = captions(load_saved(LoraCaptionerForConditionalGeneration, model_dir, treatments[0], device))
-        shares = {}
-        for treatment in treatments[1:]:
-            fast = captions(load_saved(LoraCaptionerForConditionalGeneration, model_dir, treatment, device))
-            shares[treatment.flag] = sum(a == b for a, b in zip(fast, reference)) / len(reference)
+        fast = {treatment.flag: lambda treatment=treatment: load_saved(
+            LoraCaptionerForConditionalGeneration, model_dir, treatment, device) for treatment in treatments[1:]}
+        with tempfile.TemporaryDirectory(prefix="loracaptioner-bench-quality-") as folder:
+            if exported:
+                fast[EXPORT_FLAG] = lambda: export_in_subprocess(model_dir, Path(folder) / "openvino")
+            shares = {}
+            for flag, load in fast.items():
+                shares[flag] = sum(a == b for a, b in zip(captions(load()), reference)) / len(reference)
     finally:
         torch.set_num_threads(threads)
     return len(images), shares
@@ -578,9 +610,11 @@ def captioning(report: Report, args, workload: str, batch: int, beams: int, mode
         calls[key] = lambda key=key, model=model, px=px, call=call: written.__setitem__(
             key, new_tokens(call(model, px)))
     labelled = {f"{name} {treatment}": call for (name, treatment), call in calls.items()}
-    times = interleaved(labelled, repeats, args.device, label=workload)
+    slow: set[str] = set()
+    times = interleaved(labelled, repeats, args.device, label=workload, slow=slow)
     return [Row(workload, name, treatment + (f" ({written[name, treatment]} new tokens)" if (name, treatment) in
-                                             written else ""), batch, times[f"{name} {treatment}"])
+                                             written else ""), batch, times[f"{name} {treatment}"],
+                note=f"1 run: over {SLOW_FACTOR:g}× the fastest row's" if f"{name} {treatment}" in slow else "")
             for name, treatment in calls]
 
 
@@ -595,7 +629,8 @@ def render_captioning(report: Report, rows: list[Row]) -> None:
     report.table(
         ["workload", "model", "treatment", "images/s", "ms per call (median)", "min–max ms", "× naive fp32",
          "× LoraCaptioner fp32"],
-        [[row.workload, row.model, row.treatment, f"{row.images_per_second:.2f}", f"{1000 * row.seconds:.0f}",
+        [[row.workload, row.model, row.treatment + (f" [{row.note}]" if row.note else ""),
+          f"{row.images_per_second:.2f}", f"{1000 * row.seconds:.0f}",
           f"{1000 * min(row.times):.0f}–{1000 * max(row.times):.0f}",
           ratio(naive[base] / row.seconds) if base in naive else "–",
           ratio(ours_fp32[base] / row.seconds) if base in ours_fp32 else "–"]
@@ -810,14 +845,22 @@ def main(argv=None) -> str:
     if "quality" not in skip:
         report("\n## Quality guards\n")
         others = {label: model for label, model in ours.items() if label not in (fp32_label, EXPORTED)}
+        top1 = f"Top-1 next token under teacher forcing vs fp32, {'tiny' if args.tiny else 'full-size'} shapes"
         if others:
             quality["top1"] = next_token_agreement(others, ours[fp32_label], sh["t5"]["vocab_size"], device)
-            report(f"Top-1 next token under teacher forcing vs fp32, {'tiny' if args.tiny else 'full-size'} shapes, "
-                   "random weights, 64 images × 20 random caption tokens:\n")
+            report(f"{top1}, random weights, 64 images × 20 random caption tokens:\n")
             report.table(["path", "top-1 agreement"], [[label, f"{share:.2%}"] for label, share in
                                                         quality["top1"].items()])
+        else:
+            report(f"{top1}: no torch path here computes in other than fp32 (`--dtype auto` picked "
+                   f"{DTYPE_NAMES[ours[auto_label].dtype]}; --quantize int8: "
+                   f"{next(t.missing or 'timed' for t in treatments if t.flag == '--quantize int8')}).")
+        if EXPORTED in ours:
+            report("\nThe export is not in this guard: its prefill graph takes one token, so it is teacher-forced "
+                   "only step by step (`bench/export_candidates.py` does that); it is in the captions guard below.")
         if args.quality_model and args.quality_data:
-            count, shares = identical_captions(args.quality_model, args.quality_data, usable, device)
+            count, shares = identical_captions(args.quality_model, args.quality_data, usable, device,
+                                               exported=EXPORTED in ours)
             quality["captions"] = shares
             report(f"\nIdentical greedy captions vs fp32 (saved generation defaults), {count} images of "
                    f"`{args.quality_data}`, model `{args.quality_model}`:\n")

@@ -72,8 +72,7 @@ def pick_dtype(name: str, device: torch.device, quantize: str = "none") -> torch
 @functools.cache
 def bf16_speedup(device: torch.device) -> float:
     """How many times faster bfloat16 linear layers run than float32 ones on `device`, on the model's shapes
-    (`PROBE_SHAPES`): float32's median time over bfloat16's, of interleaved repeats. Measured once per process and
-    device: ~0.1 s on a 2-core AVX-512 CPU; where bfloat16 is very slow (AVX2: ~100x) it stops after one round."""
+    (`PROBE_SHAPES`, `relative_speed`). Measured once per process and device: ~0.1 s on a 2-core AVX-512 CPU."""
     generator = torch.Generator().manual_seed(0)
     layers = {
         dtype: [(torch.randn(rows, width, generator=generator).to(device, dtype),
@@ -81,32 +80,54 @@ def bf16_speedup(device: torch.device) -> float:
         for dtype in (torch.float32, torch.bfloat16)
     }
 
-    def seconds(dtype: torch.dtype) -> float:
+    def products(dtype: torch.dtype):
+        return lambda: [torch.nn.functional.linear(inputs, weight) for inputs, weight in layers[dtype]]
+
+    return relative_speed(products(torch.float32), products(torch.bfloat16), device)
+
+
+def relative_speed(baseline, candidate, device: torch.device, rounds: int = 7) -> float:
+    """How many times faster `candidate()` runs than `baseline()`: the median time of `baseline` over `candidate`'s,
+    after a warm-up of each (first calls pick kernels and allocate), in `rounds` interleaved rounds whose order
+    alternates. Where the candidate is far slower (bfloat16 or int8 on AVX2: 4-100x) it stops after one round."""
+
+    def seconds(call) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        for inputs, weight in layers[dtype]:
-            torch.nn.functional.linear(inputs, weight)
+        call()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
-    times = {torch.float32: [], torch.bfloat16: []}
+    times = {baseline: [], candidate: []}
     with torch.inference_mode():
-        for dtype in times:  # warm-up: first calls pick kernels and allocate
-            seconds(dtype)
-        for round_ in range(7):
-            for dtype in times if round_ % 2 == 0 else reversed(list(times)):
-                times[dtype].append(seconds(dtype))
-            if round_ == 0 and times[torch.bfloat16][0] > 4 * times[torch.float32][0]:
+        for call in times:
+            seconds(call)
+        for round_ in range(rounds):
+            for call in (baseline, candidate) if round_ % 2 == 0 else (candidate, baseline):
+                times[call].append(seconds(call))
+            if round_ == 0 and times[candidate][0] > 4 * times[baseline][0]:
                 break  # far slower: more rounds would only cost time
-    return statistics.median(times[torch.float32]) / statistics.median(times[torch.bfloat16])
+    return statistics.median(times[baseline]) / statistics.median(times[candidate])
 
 
 @functools.cache
 def announce(message: str) -> None:
     """`message` on stderr, once per process."""
     print(f"loracaptioner: {message}", file=sys.stderr)
+
+
+def warn_if_int8_is_slow(device: torch.device) -> None:
+    """Say on stderr when torchao int8 linear layers are measured slower than float32 ones on this CPU (`--quantize
+    int8` is then slower than the default, e.g. ~20x on AVX2 without VNNI, where torchao's int8 products have no fast
+    kernel); the run goes on as asked."""
+    from .quantization import int8_speedup
+
+    speedup = int8_speedup(device)
+    if speedup < 1:
+        announce(f"--quantize int8: torchao int8 linear layers measured {speedup:.2f}x as fast as float32 on this CPU "
+                 f"({torch.backends.cpu.get_cpu_capability()}): this run will be slower than without --quantize")
 
 
 def load_model(model_id: str, revision: str | None, adapter: str | None, device: torch.device, dtype: torch.dtype,
@@ -133,6 +154,7 @@ def load_model(model_id: str, revision: str | None, adapter: str | None, device:
             quantization = quantization_config(quantize)
         except (ImportError, ValueError) as error:
             raise UsageError(f"--quantize {quantize}: {error}") from None
+        warn_if_int8_is_slow(device)
     try:
         saved = PretrainedConfig.get_config_dict(model_id, revision=revision)[0]
         if saved.get("model_type") != LoraCaptionerConfig.model_type:  # else: a warning and random weights

@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import subprocess
+import time
 
 import pytest
 import torch
@@ -85,6 +86,12 @@ def test_training_quality_epochs_and_targets_are_reported(tiny_run):
     assert table_rows(text, "naive original (i)") and table_rows(text, "LoraCaptioner")
     assert "## E: vision-feature cache across epochs" in text
     assert "Top-1 next token under teacher forcing vs fp32" in text
+    other_paths = [row for row in table_rows(text, "A") if row[1] == "LoraCaptioner"
+                   and not row[2].startswith(("fp32", "OpenVINO"))]  # bf16 where it is fast, int8 with torchao
+    if other_paths:
+        assert table_rows(text, "path") and "top-1 agreement" in text
+    else:
+        assert "no torch path here computes in other than fp32 (`--dtype auto` picked fp32" in text
     assert "Identical greedy captions vs fp32" in text
     targets = text.split("## Targets")[1]
     for target in ("A: fastest shipped path ≥ 3× naive fp32", "B: batch-1 latency ≤ 0.4× naive",
@@ -170,3 +177,18 @@ def test_gpu_script_runs_the_bench_with_flags_it_accepts(tmp_path):
     assert ["naive original (i)", "bf16 autocast"] in [row[:2] for row in table_rows(text, "naive original (i)")]
     assert ["LoraCaptioner", "bf16 autocast"] in [row[:2] for row in table_rows(text, "LoraCaptioner")]
     assert (tmp_path / "results-gpu.md").read_text() == text
+
+
+def test_a_row_far_slower_than_the_fastest_is_timed_once_and_said_so():
+    order = []
+
+    def call(name, seconds):
+        order.append(name)
+        time.sleep(seconds)
+
+    calls = {"fast": lambda: call("fast", 0.01), "slow": lambda: call("slow", 0.01 * (bench.SLOW_FACTOR + 3))}
+    slow = set()
+    times = bench.interleaved(calls, repeats=2, device="cpu", slow=slow)
+    assert slow == {"slow"} and order == ["fast", "slow", "fast", "fast"]
+    assert len(times["slow"]) == 1 and times["slow"][0] > bench.SLOW_FACTOR * min(times["fast"])
+    assert len(times["fast"]) == 2

@@ -107,7 +107,12 @@ USER = COMMON + """
     merged = LoraCaptionerForConditionalGeneration.from_pretrained(
         merged_dir, dtype=dtype, quantization_config=quantization_config("int8")).eval()
     # The CLI, and the loader it uses, with and without an adapter
-    code = main(["caption", model_dir, *paths, "--quantize", "int8", "--max-new-tokens", "8", "-q", "-o", output])
+    import contextlib, io
+    from loracaptioner.quantization import int8_speedup
+    cli_err = io.StringIO()
+    with contextlib.redirect_stderr(cli_err):
+        code = main(["caption", model_dir, *paths, "--quantize", "int8", "--max-new-tokens", "8", "-q", "-o",
+                     output])
     loaded, _ = load_model(model_dir, None, None, torch.device("cpu"), dtype, quantize="int8")
     with_adapter, _ = load_model(model_dir, None, adapter, torch.device("cpu"), dtype, quantize="int8")
     reference.save_pretrained(saved_dir)
@@ -116,7 +121,8 @@ USER = COMMON + """
     saved_code = main(["caption", saved_dir, *paths, "--max-new-tokens", "8", "-q", "-o", output + ".saved"])
     cli, cli_saved = ([json.loads(line)["caption"] for line in open(path)] for path in (output, output + ".saved"))
     print(json.dumps({
-        "code": code, "cli": cli, "reference": captions(reference, processor, paths),
+        "code": code, "cli": cli, "cli_err": cli_err.getvalue(), "int8_speedup": int8_speedup(torch.device("cpu")),
+        "reference": captions(reference, processor, paths),
         "float": captions(float_model, processor, paths),
         "saved_code": saved_code, "cli_saved": cli_saved,
         "loaded": captions(loaded, processor, paths), "kinds": weight_kinds(loaded),
@@ -200,6 +206,28 @@ def test_int8_cli_captions_equal_the_quantized_models_own_generate(int8_run):
     assert report["cli"] == report["reference"] == report["loaded"]
     assert all(report["cli"]), report["cli"]
     assert report["cli"] != report["float"]  # int8 is not float under another name
+
+
+def test_int8_is_measured_against_float32_and_the_cli_says_when_it_is_slower(int8_run):
+    """torchao int8 products have no fast kernel on some CPUs (AVX2: ~20x slower than float32): `--quantize int8`
+    measures (`int8_speedup`, once per process) and says so on stderr, then runs as asked."""
+    report = int8_run[0]
+    assert 0 < report["int8_speedup"] < float("inf")
+    said = f"measured {report['int8_speedup']:.2f}x as fast as float32 on this CPU" in report["cli_err"]
+    assert said == (report["int8_speedup"] < 1), report["cli_err"]
+
+
+@pytest.mark.parametrize("speedup, said", [(0.05, True), (0.99, True), (1.0, False), (2.5, False)])
+def test_a_slower_int8_is_announced_and_a_faster_one_is_not(monkeypatch, capsys, speedup, said):
+    from loracaptioner import loading, quantization
+
+    monkeypatch.setattr(quantization, "int8_speedup", lambda device: speedup)  # the measurement, injected
+    loading.announce.cache_clear()
+    loading.warn_if_int8_is_slow(torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert (err == f"loracaptioner: --quantize int8: torchao int8 linear layers measured {speedup:.2f}x as fast as "
+                   f"float32 on this CPU ({torch.backends.cpu.get_cpu_capability()}): this run will be slower than "
+                   "without --quantize\n") if said else err == ""
 
 
 def test_int8_puts_the_image_encoders_linear_layers_in_torchao_int8_and_keeps_the_decoder_in_float(int8_run):

@@ -9,8 +9,10 @@ logits processors, the model's generation defaults), the KV cache held in torch 
 
 Measured (bench/export_candidates.md; AMD EPYC, AVX-512 with avx512_bf16 and VNNI, no AMX, 2 cores; full-size random
 weights, 20 tokens, one run, medians of 3): OpenVINO bf16 is 1.32x torch bf16 on batch 8 greedy and 1.63x on batch 1,
-but at parity (0.96x) on batch 8 beam 4 (`generate()` reorders the whole cache, the export's fp32 cross-attention
-keys/values included, at every step); OpenVINO fp32 is 1.9x torch fp32 with identical ids. The `openvino` package is needed to
+but at parity (0.96x) on batch 8 beam 4 (measured while `generate()` still reordered the whole cache, the fp32
+cross-attention keys/values included, at every step; `_reorder_cache` now leaves those in place); OpenVINO fp32 is
+1.9x torch fp32 with identical ids. On an AVX2-only CPU (bench/results-avx2.md) OpenVINO runs in fp32: 1.52x the naive
+rebuild on batch 8 greedy, 1.06x on beam 4. The `openvino` package is needed to
 export and to run (`pip install openvino`, plus `nncf` for `quantize="int8"`).
 """
 
@@ -83,7 +85,8 @@ def export(model_dir: str | Path, out_dir: str | Path, backend: str = "openvino"
     """Export a saved LoraCaptioner (fp32 weights) to `out_dir`: the three graphs, `export.json`, the config and
     generation config, and the processor when `model_dir` has one.
 
-    backend: `"openvino"` (the measured winner on CPU) or `"onnx"` (ONNX Runtime).
+    backend: `"openvino"` (fastest exact path on both CPUs measured) or `"onnx"` (ONNX Runtime; with `quantize="int8"`
+        the fastest path on an AVX2-only CPU, bench/export_candidates-avx2.md).
     quantize: `None`, or `"int8"`: int8 weights (NNCF weight compression) for OpenVINO, dynamic int8 (ONNX Runtime's
         `quantize_dynamic`) for ONNX. Measured on random full-size weights (bench/export_candidates.md): faster at batch
         1, no faster than bf16 at batch 8, and 88-92% top-1 agreement with fp32 against bf16's 97%.

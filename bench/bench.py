@@ -249,12 +249,14 @@ def exported_openvino(ours_dir: str, workdir: str, device: str) -> tuple[nn.Modu
     return exported, f"exported and loaded in {time.perf_counter() - start:.0f} s"
 
 
-def export_in_subprocess(model_dir: str, folder: Path) -> nn.Module:
-    """`export(model_dir, folder, backend="openvino")` in a process of its own (tracing and converting leave gigabytes
+def export_in_subprocess(model_dir: str, folder: Path, backend: str = "openvino", quantize: str | None = None
+                         ) -> nn.Module:
+    """`export(model_dir, folder, backend, quantize)` in a process of its own (tracing and converting leave gigabytes
     behind that this process would keep), then `ExportedCaptioner.from_pretrained(folder)`."""
     from loracaptioner.export import ExportedCaptioner
 
-    code = f"from loracaptioner.export import export; export({model_dir!r}, {str(folder)!r}, backend='openvino')"
+    code = (f"from loracaptioner.export import export; "
+            f"export({model_dir!r}, {str(folder)!r}, backend={backend!r}, quantize={quantize!r})")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
     if done.returncode:
         lines = done.stderr.strip().splitlines()
@@ -441,10 +443,11 @@ def measure_memory(spec: dict, args) -> dict:
 
 # ------------------------------------------------------------------------------------------------------- quality
 def identical_captions(model_dir: str, data_dir: str, treatments: list[Treatment], device: str,
-                       batch: int = 32, exported: bool = False) -> tuple[int, dict[str, float]]:
-    """Greedy captions with the saved generation defaults, each treatment (and, with `exported`, the model exported
-    to OpenVINO as the export row was) vs fp32 (the default load), on every image of an imagefolder (metadata.jsonl +
-    files): the share of identical captions."""
+                       batch: int = 32, exports: dict[str, tuple[str, str | None]] | None = None
+                       ) -> tuple[int, dict[str, float]]:
+    """Greedy captions with the saved generation defaults, each treatment after the first (and each of `exports`,
+    label: `(backend, quantize)` as `loracaptioner export` takes them) vs the first treatment's (fp32, the default
+    load), on every image of an imagefolder (metadata.jsonl + files): the share of identical captions."""
     from PIL import Image
 
     from loracaptioner import LoraCaptionerProcessor
@@ -469,8 +472,9 @@ def identical_captions(model_dir: str, data_dir: str, treatments: list[Treatment
         fast = {treatment.flag: lambda treatment=treatment: load_saved(
             LoraCaptionerForConditionalGeneration, model_dir, treatment, device) for treatment in treatments[1:]}
         with tempfile.TemporaryDirectory(prefix="loracaptioner-bench-quality-") as folder:
-            if exported:
-                fast[EXPORT_FLAG] = lambda: export_in_subprocess(model_dir, Path(folder) / "openvino")
+            for index, (label, (backend, quantize)) in enumerate((exports or {}).items()):
+                fast[label] = lambda index=index, backend=backend, quantize=quantize: export_in_subprocess(
+                    model_dir, Path(folder) / str(index), backend, quantize)
             shares = {}
             for flag, load in fast.items():
                 shares[flag] = sum(a == b for a, b in zip(captions(load()), reference)) / len(reference)
@@ -860,7 +864,7 @@ def main(argv=None) -> str:
                    "only step by step (`bench/export_candidates.py` does that); it is in the captions guard below.")
         if args.quality_model and args.quality_data:
             count, shares = identical_captions(args.quality_model, args.quality_data, usable, device,
-                                               exported=EXPORTED in ours)
+                                               exports={EXPORT_FLAG: ("openvino", None)} if EXPORTED in ours else None)
             quality["captions"] = shares
             report(f"\nIdentical greedy captions vs fp32 (saved generation defaults), {count} images of "
                    f"`{args.quality_data}`, model `{args.quality_model}`:\n")

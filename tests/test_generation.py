@@ -28,11 +28,13 @@ def test_generate_beam_search_returns_num_return_sequences(model, processor, ima
     assert scored.sequences.shape[0] == 6 and scored.sequences_scores.shape == (6,)
 
 
-def test_beam_search_reorders_only_the_self_attention_cache_and_matches_reordering_all_of_it(
+def test_beams_share_their_image_and_match_transformers_own_repeat_and_reorder(
         model, processor, images, monkeypatch):
-    """Every beam of an image holds the same cross-attention keys/values, so beam search leaves them in place (the
-    model's `_reorder_cache`): the beams, scores and beam indices are those of transformers' own reorder of the whole
-    cache, and no tensor as long as the image tokens is reordered."""
+    """transformers' `generate()` repeats an image's tokens for each beam and reorders the whole cache at every step.
+    This model keeps the image tokens, and so the cross-attention keys/values, once per image
+    (`_expand_inputs_for_generation`, `LoraCaptionerCrossAttention`) and reorders the self-attention cache only
+    (`_reorder_cache`): the same beams, beam indices and scores as transformers' own way."""
+    from transformers import GenerationMixin
     from transformers.cache_utils import DynamicCache
 
     inputs = processor(images=images[:3])
@@ -45,14 +47,56 @@ def test_beam_search_reorders_only_the_self_attention_cache_and_matches_reorderi
         reordered_lengths.append(cache.get_seq_length())
         return reorder(cache, beam_idx)
 
+    def cross_attention_rows(outputs) -> int:
+        cache = getattr(outputs, "cache", None) or outputs.past_key_values
+        return cache.cross_attention_cache.layers[0].keys.shape[0]
+
     monkeypatch.setattr(DynamicCache, "reorder_cache", spy)
     ours = model.generate(**inputs, **options)
     assert reordered_lengths and max(reordered_lengths) < image_tokens  # the self-attention cache only
-    model._reorder_cache = lambda cache, beam_idx: (cache.reorder_cache(beam_idx), cache)[1]  # the whole cache
-    whole = model.generate(**inputs, **options)
-    assert max(reordered_lengths) == image_tokens
-    assert torch.equal(ours.sequences, whole.sequences) and torch.equal(ours.beam_indices, whole.beam_indices)
-    assert torch.allclose(ours.sequences_scores, whole.sequences_scores, atol=0, rtol=0)
+    assert cross_attention_rows(ours) == 3  # once per image
+
+    # transformers' own: the image tokens repeated per beam, the whole cache reordered
+    monkeypatch.setattr(model, "_expand_inputs_for_generation",
+                        GenerationMixin._expand_inputs_for_generation.__get__(model))
+    monkeypatch.setattr(model, "_reorder_cache", lambda cache, beam_idx: (cache.reorder_cache(beam_idx), cache)[1])
+    repeated = model.generate(**inputs, **options)
+    assert max(reordered_lengths) == image_tokens and cross_attention_rows(repeated) == 3 * 4
+    assert torch.equal(ours.sequences, repeated.sequences) and torch.equal(ours.beam_indices, repeated.beam_indices)
+    assert torch.allclose(ours.sequences_scores, repeated.sequences_scores, atol=1e-6, rtol=1e-5)
+
+
+def test_decoder_rows_sharing_an_image_equal_rows_given_the_image_repeated(model, processor, images):
+    """k decoder rows per image (beams, `num_return_sequences`) take the image's tokens once: the logits and cross-
+    attention weights are those of the rows given the image's tokens repeated k times, for a prefix of any length."""
+    model.set_attn_implementation("eager")  # cross-attention weights
+    image_tokens = model.get_encoder()(processor(images=images[:2])["pixel_values"]).last_hidden_state
+    generator = torch.Generator().manual_seed(0)
+    decoder_input_ids = torch.randint(3, model.config.text_config.vocab_size, (6, 5), generator=generator)
+    with torch.no_grad():
+        shared = model(decoder_input_ids=decoder_input_ids, encoder_outputs=(image_tokens,), output_attentions=True)
+        repeated = model(decoder_input_ids=decoder_input_ids, encoder_outputs=(image_tokens.repeat_interleave(3, 0),),
+                         output_attentions=True)
+    assert torch.allclose(shared.logits, repeated.logits, atol=1e-5)
+    assert len(shared.cross_attentions) == model.config.text_config.num_decoder_layers
+    for ours, theirs in zip(shared.cross_attentions, repeated.cross_attentions):
+        assert ours.shape == theirs.shape and torch.allclose(ours, theirs, atol=1e-6)
+    with pytest.raises(ValueError, match="not a multiple"):
+        model(decoder_input_ids=decoder_input_ids[:5], encoder_outputs=(image_tokens,))
+
+
+def test_sampled_sequences_of_one_image_share_it_and_match_transformers_own_repeat(model, processor, images,
+                                                                                   monkeypatch):
+    from transformers import GenerationMixin
+
+    inputs = processor(images=images[:2])
+    options = dict(do_sample=True, num_return_sequences=3, max_new_tokens=8, top_k=0)
+    torch.manual_seed(7)
+    ours = model.generate(**inputs, **options)
+    monkeypatch.setattr(model, "_expand_inputs_for_generation",
+                        GenerationMixin._expand_inputs_for_generation.__get__(model))
+    torch.manual_seed(7)
+    assert torch.equal(ours, model.generate(**inputs, **options))
 
 
 def test_sampling_is_reproducible_under_a_seed(model, processor, images):

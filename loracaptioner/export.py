@@ -37,6 +37,10 @@ BACKENDS = ("openvino", "onnx")
 INSTALL_HINTS = {"openvino": "pip install 'loracaptioner[openvino]'", "onnx": "pip install 'loracaptioner[onnx]'"}
 # Precision OpenVINO computes in, by name. Its CPU plugin picks bf16 by itself on a CPU with avx512_bf16 or AMX.
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+# What the graphs expect beyond `export.json`: the decoder graphs take an image's tokens and cross-attention cache once
+# per image, whatever the beams (exports written before this file took them once per beam, as transformers repeats).
+LAYOUT_FILE = "loracaptioner_export.json"
+LAYOUT = {"image_tokens": "once per image"}
 
 
 class DecodeStep(nn.Module):
@@ -65,11 +69,13 @@ def _empty_cache(config: LoraCaptionerConfig) -> EncoderDecoderCache:
 
 
 def _graphs(model: LoraCaptionerForConditionalGeneration, pixel_values: torch.Tensor) -> dict[str, tuple]:
-    """Each graph's module and sample forward kwargs, from a real run. The decode sample's cache holds two tokens
-    already: `torch.export` specialises a length-1 sample to 1, which would fix the cache's length."""
+    """Each graph's module and sample forward kwargs, from a real run. The decoder samples have two rows per image, as
+    beam search runs them (`LoraCaptionerCrossAttention`: the image tokens and cross-attention keys/values once per
+    image); one row per image traces the same graph, with the two batch sizes one. The decode sample's cache holds two
+    tokens already: `torch.export` specialises a length-1 sample to 1, which would fix the cache's length."""
     with torch.no_grad():
         image_tokens = model.encoder(pixel_values=pixel_values)
-        start = torch.full((pixel_values.shape[0], 1), model.config.decoder_start_token_id)
+        start = torch.full((2 * pixel_values.shape[0], 1), model.config.decoder_start_token_id)
         prefill = dict(decoder_input_ids=start, encoder_outputs=image_tokens, cache=_empty_cache(model.config))
         outputs = model(**copy.deepcopy(prefill), use_cache=True)
         outputs = model(decoder_input_ids=start + 1, encoder_outputs=image_tokens, cache=outputs.cache, use_cache=True)
@@ -116,6 +122,7 @@ def export(model_dir: str | Path, out_dir: str | Path, backend: str = "openvino"
     out_dir = Path(out_dir)
     ExportedModel(components, exporter.export_format, config=model.config,
                   generation_config=model.generation_config).save_pretrained(out_dir)
+    (out_dir / LAYOUT_FILE).write_text(json.dumps(LAYOUT, indent=2) + "\n")
     try:
         from transformers import AutoProcessor
 
@@ -165,9 +172,10 @@ class ExportedCaptioner(PreTrainedModel, GenerationMixin):
     config_class = LoraCaptionerConfig
     main_input_name = "pixel_values"
 
-    def __init__(self, exported: ExportedModel):
+    def __init__(self, exported: ExportedModel, layout: dict | None = None):
         super().__init__(exported.config)
         self.exported = exported
+        self.image_tokens_once_per_image = (layout or {}).get("image_tokens") == LAYOUT["image_tokens"]
         self.encoder = _ExportedImageEncoder(exported.runners["image_encoder"])
         if exported.generation_config is not None:
             self.generation_config = exported.generation_config
@@ -183,11 +191,19 @@ class ExportedCaptioner(PreTrainedModel, GenerationMixin):
                 runner_kwargs["config"] = {**properties, **runner_kwargs.get("config", {})}
         elif precision not in (None, "fp32"):
             raise ValueError(f"ONNX Runtime runs the export in fp32; precision {precision!r} is OpenVINO's.")
-        return cls(ExportedModel.from_pretrained(folder, **runner_kwargs))
+        layout = Path(folder) / LAYOUT_FILE
+        return cls(ExportedModel.from_pretrained(folder, **runner_kwargs),
+                   json.loads(layout.read_text()) if layout.is_file() else None)
 
     # Beam search reorders the self-attention cache only: the image's cross-attention keys/values are the same on all
     # of its beams (the model's own hook, for the same reason).
     _reorder_cache = LoraCaptionerForConditionalGeneration._reorder_cache
+
+    def _expand_inputs_for_generation(self, *args, **kwargs):
+        # Beams share their image's tokens as in the torch model, unless the export predates that layout.
+        if self.image_tokens_once_per_image:
+            return LoraCaptionerForConditionalGeneration._expand_inputs_for_generation(self, *args, **kwargs)
+        return super()._expand_inputs_for_generation(*args, **kwargs)
 
     @property
     def device(self) -> torch.device:

@@ -57,7 +57,10 @@ CAPTION_THROUGH_EXPORT = textwrap.dedent("""
         expected = model.generate(pixel_values=pixel_values, **kwargs)
         got = captioner.generate(pixel_values=pixel_values, **kwargs)
         results[name] = {"expected": expected.tolist(), "got": got.tolist()}
-    print(json.dumps(results))
+    beams = captioner.generate(pixel_values=pixel_values, num_beams=3, max_new_tokens=4, return_dict_in_generate=True)
+    cache = getattr(beams, "cache", None) or beams.past_key_values
+    cross_attention_rows = cache.cross_attention_cache.layers[0].keys.shape[0]
+    print(json.dumps({"captions": results, "cross_attention_rows": cross_attention_rows}))
 """)
 
 
@@ -67,10 +70,12 @@ def test_openvino_export_captions_like_the_torch_model_greedy_and_beam(openvino_
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
-    for name, ids in results.items():
+    for name, ids in results["captions"].items():
         assert ids["got"] == ids["expected"], name
+    assert results["cross_attention_rows"] == 3  # once per image, not per beam, as in the torch model
     saved = {path.name for path in (tmp_path / "exported").iterdir()}
-    assert {"export.json", "config.json", "generation_config.json", "openvino_decode.xml"} <= saved
+    assert {"export.json", "loracaptioner_export.json", "config.json", "generation_config.json",
+            "openvino_decode.xml"} <= saved
 
 
 def test_export_names_the_backends_it_knows(tmp_path):

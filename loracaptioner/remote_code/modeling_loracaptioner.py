@@ -95,10 +95,9 @@ class LoraCaptionerCrossAttention(T5LayerCrossAttention):
     greedy search) this is T5's layer unchanged."""
 
     def forward(self, hidden_states, key_value_states, attention_mask=None, position_bias=None, **kwargs):
+        # No branch on the shapes (one row per image folds to itself), so that an export traced with beams keeps this.
         rows, length = hidden_states.shape[:2]
         images = key_value_states.shape[0]
-        if rows == images:
-            return super().forward(hidden_states, key_value_states, attention_mask, position_bias, **kwargs)
         if rows % images:
             raise ValueError(f"{rows} decoder rows cannot share {images} images' tokens: not a multiple.")
         share = rows // images
@@ -108,7 +107,7 @@ class LoraCaptionerCrossAttention(T5LayerCrossAttention):
         folded = hidden_states.reshape(images, share * length, hidden_states.shape[-1])
         output, position_bias, weights = super().forward(folded, key_value_states, attention_mask, position_bias,
                                                          **kwargs)
-        if weights is not None:  # (images, heads, share * length, tokens) -> (rows, heads, length, tokens)
+        if weights is not None and share > 1:  # (images, heads, share * length, tokens) -> (rows, heads, length, ...)
             weights = weights.unflatten(2, (share, length)).transpose(1, 2).flatten(0, 1)
         return output.reshape(rows, length, output.shape[-1]), position_bias, weights
 
@@ -234,7 +233,8 @@ class LoraCaptionerForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """`generate()` repeats every input `expand_size` times (`num_beams`, `num_return_sequences`): all but the image
         tokens here, which stay once per image for `LoraCaptionerCrossAttention`."""
         encoder_outputs = model_kwargs.pop("encoder_outputs", None)
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, False, input_ids, **model_kwargs)
+        input_ids, model_kwargs = GenerationMixin._expand_inputs_for_generation(self, expand_size, False, input_ids,
+                                                                                **model_kwargs)
         if encoder_outputs is not None:
             model_kwargs["encoder_outputs"] = encoder_outputs
         return input_ids, model_kwargs

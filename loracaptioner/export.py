@@ -2,8 +2,10 @@
 
 `export(model_dir, out_dir)` writes three graphs, each traced by the exporter's own `export()`:
   * `image_encoder`: pixels -> image tokens (CLIP tower, projection, bridge), run once per image;
-  * `prefill`: the first decoder step on an empty cache: logits, and the cache with the cross-attention keys/values;
-  * `decode`: one decoder step on that cache: logits and the grown self-attention cache (`DecodeStep`).
+  * `cross_attention`: image tokens -> every decoder layer's cross-attention keys/values, once per image
+    (`CrossAttentionCache`);
+  * `decode`: one decoder step on that cache: logits and the grown self-attention cache (`DecodeStep`), the first step
+    too, on an empty self-attention cache, so the decoder's weights are in one graph only.
 `ExportedCaptioner.from_pretrained(out_dir)` runs them behind transformers' own `generate()` (greedy, beam search,
 logits processors, the model's generation defaults), the KV cache held in torch tensors between the graphs.
 
@@ -43,6 +45,24 @@ LAYOUT_FILE = "loracaptioner_export.json"
 LAYOUT = {"image_tokens": "once per image"}
 
 
+class CrossAttentionCache(nn.Module):
+    """Image tokens -> the cross-attention cache: what a first decoder step stores for every layer, computed by the
+    model's own first step (the keys/values depend on the image tokens alone, so tracing keeps only their projections
+    of the decoder's weights). Exported apart from the decode graph, the first step can run in that graph on an empty
+    self-attention cache, instead of in a graph of its own holding the decoder's weights a second time."""
+
+    def __init__(self, model: LoraCaptionerForConditionalGeneration):
+        super().__init__()
+        self.model = model
+
+    def forward(self, encoder_outputs: BaseModelOutput) -> DynamicCache:
+        tokens = encoder_outputs.last_hidden_state
+        start = torch.full((tokens.shape[0], 1), self.model.config.decoder_start_token_id, device=tokens.device)
+        outputs = self.model(decoder_input_ids=start, encoder_outputs=encoder_outputs,
+                             cache=_empty_cache(self.model.config), use_cache=True)
+        return outputs.cache.cross_attention_cache
+
+
 class DecodeStep(nn.Module):
     """One decoder step on a cache that already holds the cross-attention keys/values. Returns the logits and the
     self-attention cache only, so the exported graph neither copies the unchanged cross-attention cache out at every
@@ -69,22 +89,33 @@ def _empty_cache(config: LoraCaptionerConfig) -> EncoderDecoderCache:
 
 
 def _graphs(model: LoraCaptionerForConditionalGeneration, pixel_values: torch.Tensor) -> dict[str, tuple]:
-    """Each graph's module and sample forward kwargs, from a real run. The decoder samples have two rows per image, as
+    """Each graph's module and sample forward kwargs, from a real run. The decode sample has two rows per image, as
     beam search runs them (`LoraCaptionerCrossAttention`: the image tokens and cross-attention keys/values once per
-    image); one row per image traces the same graph, with the two batch sizes one. The decode sample's cache holds two
-    tokens already: `torch.export` specialises a length-1 sample to 1, which would fix the cache's length."""
+    image); one row per image traces the same graph, with the two batch sizes one. Its cache holds two tokens already:
+    `torch.export` specialises a length-1 sample to 1, which would fix the cache's length (the graph still runs on an
+    empty one, the first step)."""
     with torch.no_grad():
         image_tokens = model.encoder(pixel_values=pixel_values)
         start = torch.full((2 * pixel_values.shape[0], 1), model.config.decoder_start_token_id)
-        prefill = dict(decoder_input_ids=start, encoder_outputs=image_tokens, cache=_empty_cache(model.config))
-        outputs = model(**copy.deepcopy(prefill), use_cache=True)
+        outputs = model(decoder_input_ids=start, encoder_outputs=image_tokens, cache=_empty_cache(model.config),
+                        use_cache=True)
         outputs = model(decoder_input_ids=start + 1, encoder_outputs=image_tokens, cache=outputs.cache, use_cache=True)
         decode = dict(decoder_input_ids=start + 2, encoder_outputs=image_tokens, cache=outputs.cache)
     return {
         "image_encoder": (model.encoder, {"pixel_values": pixel_values}),
-        "prefill": (model, {**prefill, "use_cache": True}),
+        "cross_attention": (CrossAttentionCache(model), {"encoder_outputs": image_tokens}),
         "decode": (DecodeStep(model), decode),
     }
+
+
+def _empty_self_attention_cache(cross_attention: DynamicCache, rows: int) -> DynamicCache:
+    """A self-attention cache of `rows` rows and no tokens yet, shaped and typed like the cross-attention cache."""
+    cache = DynamicCache()
+    for index, layer in enumerate(cross_attention.layers):
+        heads, width = layer.keys.shape[1], layer.keys.shape[3]
+        empty = layer.keys.new_zeros(rows, heads, 0, width)
+        cache.update(empty, empty.clone(), index)
+    return cache
 
 
 def export(model_dir: str | Path, out_dir: str | Path, backend: str = "openvino", quantize: str | None = None) -> Path:
@@ -220,13 +251,20 @@ class ExportedCaptioner(PreTrainedModel, GenerationMixin):
                 cache: EncoderDecoderCache | None = None, **kwargs) -> Seq2SeqLMOutput:
         runners = self.exported.runners
         if cache is None or cache.get_seq_length() == 0:
-            outputs = runners["prefill"](share_inputs=False, decoder_input_ids=decoder_input_ids,
-                                         encoder_outputs=encoder_outputs, cache=None)
-            return Seq2SeqLMOutput(logits=outputs.logits, cache=outputs.cache)
+            if "prefill" in runners:  # an export written before the cross_attention graph: the first step apart
+                outputs = runners["prefill"](share_inputs=False, decoder_input_ids=decoder_input_ids,
+                                             encoder_outputs=encoder_outputs, cache=None)
+                return Seq2SeqLMOutput(logits=outputs.logits, cache=outputs.cache)
+            cross_attention = runners["cross_attention"](encoder_outputs=encoder_outputs)
+            cache = EncoderDecoderCache(
+                _empty_self_attention_cache(cross_attention, decoder_input_ids.shape[0]), cross_attention
+            )
         logits, self_attention_cache = runners["decode"](decoder_input_ids=decoder_input_ids,
                                                          encoder_outputs=encoder_outputs, cache=cache)
         return Seq2SeqLMOutput(logits=logits, cache=EncoderDecoderCache(self_attention_cache,
                                                                         cache.cross_attention_cache))
 
 
-__all__ = ["BACKENDS", "INSTALL_HINTS", "DecodeStep", "ExportedCaptioner", "backend_of", "export"]
+__all__ = [
+    "BACKENDS", "INSTALL_HINTS", "CrossAttentionCache", "DecodeStep", "ExportedCaptioner", "backend_of", "export",
+]

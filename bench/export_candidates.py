@@ -1,11 +1,11 @@
 """Exported-runtime candidates for captioning on this CPU, timed side by side with torch (issue 11).
 
 LoraCaptioner goes through `transformers.exporters` as loracaptioner/export.py ships it (`export()`: an image encoder,
-a prefill and a decode-step graph; `ExportedCaptioner`: those graphs behind transformers' own `generate()`), to
-OpenVINO (fp32 / bf16 inference precision / NNCF int8 weights) and ONNX Runtime (fp32 / dynamic int8). Every
-candidate and torch fp32 / bf16 caption the same pixel values with the same `generate()` settings, interleaved;
-quality is top-1 next-token agreement with torch fp32 under teacher forcing, and greedy ids against torch fp32.
-(`HfExporter.export_for_generation` does not fit this model: `generate()` runs the image encoder before the first
+a cross-attention-cache and a decode-step graph; `ExportedCaptioner`: those graphs behind transformers' own
+`generate()`), to OpenVINO (fp32 / bf16 inference precision / NNCF int8 weights) and ONNX Runtime (fp32 / dynamic
+int8). Every candidate and torch fp32 / bf16 caption the same pixel values with the same `generate()` settings,
+interleaved; quality is top-1 next-token agreement with torch fp32 under teacher forcing, and greedy ids against torch
+fp32. (`HfExporter.export_for_generation` does not fit this model: `generate()` runs the image encoder before the first
 `forward`, whose capture it splits, so no image encoder is exported; and its decode graph is traced on a cache of length
 1, which `torch.export` specialises to 1.)
 

@@ -1,8 +1,9 @@
-"""loracaptioner.export: an OpenVINO export of a tiny saved LoraCaptioner captions exactly as the torch model does.
+"""loracaptioner.export: an OpenVINO or ONNX Runtime export of a tiny saved LoraCaptioner captions exactly as the torch
+model does.
 
-OpenVINO is not a dependency of the package's environment: the test installs the measured version once into
+Neither runtime is a dependency of the package's environment: the test installs the measured versions once into
 `<repo>/.cache/export-runtimes/` (gitignored, pip, from the package index) and runs the export in a subprocess with
-it on the path, so the shared environment never imports it. No package index: the test skips, saying so.
+them on the path, so the shared environment never imports them. No package index: the test skips, saying so.
 """
 
 import json
@@ -19,19 +20,27 @@ from loracaptioner.export import export
 REPO = Path(__file__).resolve().parents[1]
 OPENVINO = "openvino==2026.4.1"  # the version bench/export_candidates.md measured
 RUNTIMES = REPO / ".cache" / "export-runtimes" / OPENVINO.replace("==", "-")
+# ONNX Runtime and what the ONNX exporter needs, the versions bench/export_candidates.md measured
+ONNX = ["onnxruntime==1.32.0", "onnx==1.23.2", "onnxscript==0.7.2", "onnx_ir==1.1.0", "ml_dtypes==0.7.0",
+        "protobuf==7.36.2", "flatbuffers==25.12.19"]
+ONNX_RUNTIMES = REPO / ".cache" / "export-runtimes" / ONNX[0].replace("==", "-")
+
+
+def installed(folder: Path, packages: list[str], module: str) -> Path:
+    """`packages` pip-installed into `folder` once (or the test skips, saying why not)."""
+    if not (folder / module).is_dir():
+        # --no-deps: numpy and packaging come from the test's own environment, the one the subprocess runs in.
+        command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder), *packages]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+        if result.returncode != 0:
+            pytest.skip(f"could not install {packages} from the package index:\n{result.stderr[-1000:]}")
+    return folder
 
 
 @pytest.fixture(scope="module")
 def openvino_path() -> Path:
-    if not (RUNTIMES / "openvino").is_dir():
-        # --no-deps: numpy and packaging come from the test's own environment, the one the subprocess runs in.
-        command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(RUNTIMES), OPENVINO,
-                   "openvino-telemetry"]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                                env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
-        if result.returncode != 0:
-            pytest.skip(f"could not install {OPENVINO} from the package index:\n{result.stderr[-1000:]}")
-    return RUNTIMES
+    return installed(RUNTIMES, [OPENVINO, "openvino-telemetry"], "openvino")
 
 
 CAPTION_THROUGH_EXPORT = textwrap.dedent("""
@@ -47,8 +56,10 @@ CAPTION_THROUGH_EXPORT = textwrap.dedent("""
     config = LoraCaptionerConfig(vision_config=tiny_vision_config(), text_config=tiny_text_config(99))
     model = LoraCaptionerForConditionalGeneration(config).eval()
     model.save_pretrained(sys.argv[1] + "/model")
-    export(sys.argv[1] + "/model", sys.argv[1] + "/exported", backend="openvino")
-    captioner = ExportedCaptioner.from_pretrained(sys.argv[1] + "/exported", precision="fp32")
+    backend = sys.argv[2]
+    export(sys.argv[1] + "/model", sys.argv[1] + "/exported", backend=backend)
+    captioner = ExportedCaptioner.from_pretrained(sys.argv[1] + "/exported",
+                                                  precision="fp32" if backend == "openvino" else None)
     pixel_values = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     settings = {"defaults": {}, "greedy": {"num_beams": 1, "max_new_tokens": 12},
                 "beam 3, 2 returned": {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 12}}
@@ -64,9 +75,15 @@ CAPTION_THROUGH_EXPORT = textwrap.dedent("""
 """)
 
 
-def test_openvino_export_captions_like_the_torch_model_greedy_and_beam(openvino_path, tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(openvino_path), str(REPO)])}
-    result = subprocess.run([sys.executable, "-c", CAPTION_THROUGH_EXPORT, str(tmp_path)], cwd=REPO, env=env,
+@pytest.mark.parametrize("backend", ["openvino", "onnx"])
+def test_export_captions_like_the_torch_model_greedy_and_beam(backend, tmp_path):
+    """float32 ids equal the torch model's (its saved defaults, greedy, beam search returning 2 of 3 beams); beam
+    search holds the cross-attention cache once per image, as the torch model does; three graphs, no first-step graph
+    (the decode graph takes the first step)."""
+    path = (installed(RUNTIMES, [OPENVINO, "openvino-telemetry"], "openvino") if backend == "openvino"
+            else installed(ONNX_RUNTIMES, ONNX, "onnxruntime"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), str(REPO)])}
+    result = subprocess.run([sys.executable, "-c", CAPTION_THROUGH_EXPORT, str(tmp_path), backend], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
@@ -74,9 +91,9 @@ def test_openvino_export_captions_like_the_torch_model_greedy_and_beam(openvino_
         assert ids["got"] == ids["expected"], name
     assert results["cross_attention_rows"] == 3  # once per image, not per beam, as in the torch model
     saved = {path.name for path in (tmp_path / "exported").iterdir()}
-    assert {"export.json", "loracaptioner_export.json", "config.json", "generation_config.json",
-            "openvino_image_encoder.xml", "openvino_cross_attention.xml", "openvino_decode.xml"} <= saved
-    assert not any(name.startswith("openvino_prefill") for name in saved)  # the decode graph takes the first step
+    assert {"export.json", "loracaptioner_export.json", "config.json", "generation_config.json"} <= saved
+    graphs = {name.split(".")[0].removeprefix("openvino_") for name in saved if name.endswith((".xml", ".onnx"))}
+    assert graphs == {"image_encoder", "cross_attention", "decode"}
 
 
 def test_export_names_the_backends_it_knows(tmp_path):

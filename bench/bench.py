@@ -860,8 +860,9 @@ def main(argv=None) -> str:
                    f"{DTYPE_NAMES[ours[auto_label].dtype]}; --quantize int8: "
                    f"{next(t.missing or 'timed' for t in treatments if t.flag == '--quantize int8')}).")
         if EXPORTED in ours:
-            report("\nThe export is not in this guard: its prefill graph takes one token, so it is teacher-forced "
-                   "only step by step (`bench/export_candidates.py` does that); it is in the captions guard below.")
+            report("\nThe export is not in this guard: its decode graph takes one token per call, so it is "
+                   "teacher-forced only step by step (`bench/export_candidates.py` does that); it is in the captions "
+                   "guard below.")
         if args.quality_model and args.quality_data:
             count, shares = identical_captions(args.quality_model, args.quality_data, usable, device,
                                                exports={EXPORT_FLAG: ("openvino", None)} if EXPORTED in ours else None)

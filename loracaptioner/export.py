@@ -10,12 +10,11 @@
 logits processors, the model's generation defaults), the KV cache held in torch tensors between the graphs.
 
 Measured (bench/export_candidates.md; AMD EPYC, AVX-512 with avx512_bf16 and VNNI, no AMX, 2 cores; full-size random
-weights, 20 tokens, one run, medians of 3): OpenVINO bf16 is 1.32x torch bf16 on batch 8 greedy and 1.63x on batch 1,
-but at parity (0.96x) on batch 8 beam 4 (measured while `generate()` still reordered the whole cache, the fp32
-cross-attention keys/values included, at every step; `_reorder_cache` now leaves those in place); OpenVINO fp32 is
-1.9x torch fp32 with identical ids. On an AVX2-only CPU (bench/results-avx2.md) OpenVINO runs in fp32: 1.52x the naive
-rebuild on batch 8 greedy, 1.06x on beam 4. The `openvino` package is needed to
-export and to run (`pip install openvino`, plus `nncf` for `quantize="int8"`).
+weights, 20 tokens, one run, medians of 3): OpenVINO bf16 is 1.38x torch bf16 on batch 8 greedy, 1.54x on batch 1 and
+1.17x on batch 8 beam 4; OpenVINO fp32 is 1.48x torch fp32 on batch 8 greedy, with identical ids. On an AVX2-only CPU
+(bench/results-avx2.md, measured before beams shared their image) OpenVINO runs in fp32: 1.52x the naive rebuild on
+batch 8 greedy, 1.06x on beam 4. The `openvino` package is needed to export and to run (`pip install openvino`, plus
+`nncf` for `quantize="int8"`).
 """
 
 from __future__ import annotations
@@ -125,8 +124,9 @@ def export(model_dir: str | Path, out_dir: str | Path, backend: str = "openvino"
     backend: `"openvino"` (fastest exact path on both CPUs measured) or `"onnx"` (ONNX Runtime; with `quantize="int8"`
         the fastest path on an AVX2-only CPU, bench/export_candidates-avx2.md).
     quantize: `None`, or `"int8"`: int8 weights (NNCF weight compression) for OpenVINO, dynamic int8 (ONNX Runtime's
-        `quantize_dynamic`) for ONNX. Measured on random full-size weights (bench/export_candidates.md): faster at batch
-        1, no faster than bf16 at batch 8, and 88-92% top-1 agreement with fp32 against bf16's 97%.
+        `quantize_dynamic`) for ONNX. Measured on random full-size weights (bench/export_candidates.md, AVX-512 +
+        avx512_bf16): OpenVINO int8 weights 1.11x OpenVINO bf16 on batch 8 greedy, 1.2x on batch 1, parity on beam 4;
+        87-91% top-1 agreement with fp32 against bf16's 95-96%.
     """
     from transformers.exporters import OnnxConfig, OnnxExporter, OpenVINOConfig, OpenVINOExporter
 

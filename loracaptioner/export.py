@@ -226,8 +226,8 @@ class ExportedCaptioner(PreTrainedModel, GenerationMixin):
         return cls(ExportedModel.from_pretrained(folder, **runner_kwargs),
                    json.loads(layout.read_text()) if layout.is_file() else None)
 
-    # Beam search reorders the self-attention cache only: the image's cross-attention keys/values are the same on all
-    # of its beams (the model's own hook, for the same reason).
+    # Beam search reorders the self-attention cache only: the image's cross-attention keys/values are held once per
+    # image (or, in an export that predates that layout, the same on all of its beams); the model's own hook.
     _reorder_cache = LoraCaptionerForConditionalGeneration._reorder_cache
 
     def _expand_inputs_for_generation(self, *args, **kwargs):

@@ -24,6 +24,9 @@ RUNTIMES = REPO / ".cache" / "export-runtimes" / OPENVINO.replace("==", "-")
 ONNX = ["onnxruntime==1.32.0", "onnx==1.23.2", "onnxscript==0.7.2", "onnx_ir==1.1.0", "ml_dtypes==0.7.0",
         "protobuf==7.36.2", "flatbuffers==25.12.19"]
 ONNX_RUNTIMES = REPO / ".cache" / "export-runtimes" / ONNX[0].replace("==", "-")
+# backend -> (folder, packages, the module whose folder says they are there)
+RUNTIME_PACKAGES = {"openvino": (RUNTIMES, [OPENVINO, "openvino-telemetry"], "openvino"),
+                    "onnx": (ONNX_RUNTIMES, ONNX, "onnxruntime")}
 
 
 def installed(folder: Path, packages: list[str], module: str) -> Path:
@@ -40,7 +43,7 @@ def installed(folder: Path, packages: list[str], module: str) -> Path:
 
 @pytest.fixture(scope="module")
 def openvino_path() -> Path:
-    return installed(RUNTIMES, [OPENVINO, "openvino-telemetry"], "openvino")
+    return installed(*RUNTIME_PACKAGES["openvino"])
 
 
 CAPTION_THROUGH_EXPORT = textwrap.dedent("""
@@ -80,8 +83,7 @@ def test_export_captions_like_the_torch_model_greedy_and_beam(backend, tmp_path)
     """float32 ids equal the torch model's (its saved defaults, greedy, beam search returning 2 of 3 beams); beam
     search holds the cross-attention cache once per image, as the torch model does; three graphs, no first-step graph
     (the decode graph takes the first step)."""
-    path = (installed(RUNTIMES, [OPENVINO, "openvino-telemetry"], "openvino") if backend == "openvino"
-            else installed(ONNX_RUNTIMES, ONNX, "onnxruntime"))
+    path = installed(*RUNTIME_PACKAGES[backend])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), str(REPO)])}
     result = subprocess.run([sys.executable, "-c", CAPTION_THROUGH_EXPORT, str(tmp_path), backend], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)

@@ -73,6 +73,8 @@ PARTS = ("A", "B", "C", "D", "E", "F", "quality", "peers", "export")
 NAIVE = "naive original (i)"
 EXPORTED = "OpenVINO (loracaptioner.export)"
 EXPORT_FLAG = "loracaptioner export (OpenVINO)"
+# The fastest peers given the export's treatment, for the like-for-like row (bench/exported_peers.py)
+PEER_EXPORTED = "OpenVINO (transformers.exporters)"
 OURS = "LoraCaptioner"
 
 
@@ -166,7 +168,7 @@ def build_peers(sh: dict) -> dict[str, nn.Module]:
 def image_size(model: nn.Module) -> int:
     if isinstance(model, NaiveOriginal):
         return model.clip.config.image_size
-    if isinstance(model, VisionEncoderDecoderModel):
+    if isinstance(model.config, VisionEncoderDecoderConfig):  # the torch peer or its export
         return model.config.encoder.image_size
     return model.config.vision_config.image_size
 
@@ -262,6 +264,21 @@ def export_in_subprocess(model_dir: str, folder: Path, backend: str = "openvino"
         lines = done.stderr.strip().splitlines()
         raise RuntimeError(f"export failed: {lines[-1] if lines else done.returncode}")
     return ExportedCaptioner.from_pretrained(folder)
+
+
+def exported_peer(folder: str, device: str) -> tuple[nn.Module | None, str]:
+    """A saved peer exported with `bench/exported_peers.py` in a process of its own and loaded with
+    `ExportedPeer.from_pretrained`, or why not; and a note."""
+    if not device.startswith("cpu"):
+        return None, "CPU only here"
+    start, out = time.perf_counter(), folder + "-openvino"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "exported_peers.py"), folder, out], cwd=REPO,
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        lines = done.stderr.strip().splitlines()
+        return None, f"export failed: {lines[-1] if lines else done.returncode}"
+    exported = sibling("exported_peers").ExportedPeer.from_pretrained(out)
+    return exported, f"exported and loaded in {time.perf_counter() - start:.0f} s"
 
 
 def load_saved(cls, folder: str, treatment: Treatment, device: str) -> nn.Module:
@@ -649,7 +666,7 @@ def peer_comparisons(rows: list[Row], shipped: list[str]) -> list[list]:
         ours = [row for row in rows if row.workload == "A" and row.model == OURS and "decoding defaults" not in
                 row.treatment and treatment_of(row.treatment) == treatment]
         peers = [row for row in rows if row.workload == "A" and row.model not in (OURS, NAIVE)
-                 and row.treatment == treatment]
+                 and treatment_of(row.treatment) == treatment]
         if ours and peers:
             peer = min(peers, key=lambda row: row.seconds)
             out.append([treatment, f"{ours[0].images_per_second:.2f}", f"{peer.model} {peer.images_per_second:.2f}",
@@ -657,11 +674,18 @@ def peer_comparisons(rows: list[Row], shipped: list[str]) -> list[list]:
     return out
 
 
+def sibling(name: str):
+    """bench/<name>.py, loaded by path once (bench/ is a folder of scripts, not a package)."""
+    key = f"loracaptioner_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO / "bench" / f"{name}.py")
+        sys.modules[key] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[key])
+    return sys.modules[key]
+
+
 def run_epoch_cache(report: Report, args) -> dict | None:
-    path = REPO / "bench" / "epoch_cache.py"
-    spec = importlib.util.spec_from_file_location("loracaptioner_epoch_cache", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = sibling("epoch_cache")
     if not hasattr(module, "measure"):
         report("E: not available (bench/epoch_cache.py has no `measure()` yet).")
         return None
@@ -788,6 +812,7 @@ def main(argv=None) -> str:
             ours[EXPORTED] = exported
     naive = NaiveOriginal(sh).to(device).eval()
     peers: dict[tuple[str, str], nn.Module] = {}
+    peer_export_notes: list[str] = []
     if "peers" not in skip and "A" not in skip:
         for name, peer in build_peers(sh).items():
             folder = str(Path(workdir.name) / name.replace(" ", "_"))
@@ -795,9 +820,22 @@ def main(argv=None) -> str:
             del peer
             for treatment in (t for t in usable if t.flag in PEER_FLAGS):
                 peers[(name, treatment.name)] = load_saved(type_of_peer(name), folder, treatment, device)
+            if EXPORTED in ours:  # the export's treatment too, where transformers.exporters can give it
+                exported, note = None, ("not exportable: its generate() never calls its forward, which "
+                                        "transformers.exporters' export_for_generation traces")
+                if name in sibling("exported_peers").EXPORTABLE:
+                    exported, note = exported_peer(folder, device)
+                peer_export_notes.append(f"{name}: {'' if exported is None else 'timed, '}{note}")
+                if exported is not None:
+                    peers[(name, PEER_EXPORTED)] = exported
             gc.collect()
     shipped_labels = list(ours)
     now = section_done("loading", now)
+    if peer_export_notes:
+        report(f"\nThe peers exported as LoraCaptioner is, for A's like-for-like row ({PEER_EXPORTED}: "
+               "`export_for_generation`, traced in fp32 with dynamic shapes, run at OpenVINO's own precision as "
+               "LoraCaptioner's export is, behind transformers' `generate()`; bench/exported_peers.py): "
+               + "; ".join(peer_export_notes) + ".")
     report(f"\nbatch {args.batch} (A, C) and 1 (B), {args.tokens} new tokens forced (`min_new_tokens = "
            f"max_new_tokens`, no repetition processors), so every row does equal work; {repeats} timed round(s) per "
            "workload after a full-length warm-up of every row, order rotated per round; medians; random weights.")
@@ -837,10 +875,10 @@ def main(argv=None) -> str:
                    "brackets (random weights rarely write `</s>`).")
         for note in compile_notes:
             report(f"\n{note}.")
-        comparisons = peer_comparisons(rows, [t.name for t in usable])
+        comparisons = peer_comparisons(rows, [t.name for t in usable] + [treatment_of(EXPORTED)])
         if comparisons:
             report("\nA, like for like: each treatment's LoraCaptioner row vs the fastest peer with the same "
-                   "treatment (the same `from_pretrained` arguments)\n")
+                   "treatment (the same `from_pretrained` arguments, or the same runtime)\n")
             report.table(["treatment", "LoraCaptioner images/s", "fastest peer, images/s", "LoraCaptioner × peer"],
                          comparisons)
 
@@ -1036,7 +1074,7 @@ def targets(rows: list[Row], shipped: list[str], train: dict, epochs: dict | Non
                         status(value >= 2)])
             treatment = treatment_of(a.treatment)
             same = [row for row in rows if row.workload == "A" and row.model not in (OURS, NAIVE)
-                    and row.treatment == treatment]
+                    and treatment_of(row.treatment) == treatment]
             if same:
                 peer = min(same, key=lambda row: row.seconds)
                 value = peer.seconds / a.seconds

@@ -98,6 +98,45 @@ def test_export_captions_like_the_torch_model_greedy_and_beam(backend, tmp_path)
     assert graphs == {"image_encoder", "cross_attention", "decode"}
 
 
+PEERS_THROUGH_EXPORT = textwrap.dedent("""
+    import json, sys
+    import torch
+    sys.path.insert(0, "bench")
+    import bench, exported_peers
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    results = {}
+    for name, peer in bench.build_peers(bench.shapes(tiny=True)).items():
+        if name not in exported_peers.EXPORTABLE:
+            continue
+        folder = f"{sys.argv[1]}/{name.replace(' ', '_')}"
+        peer.eval().save_pretrained(folder)
+        exported_peers.main([folder, folder + "-openvino"])
+        runner = exported_peers.ExportedPeer.from_pretrained(folder + "-openvino")
+        pixel_values = bench.pixels(peer, 3, "cpu", seed=1)  # batch 3: the graphs were traced at batch 2
+        for beams in (1, 2):
+            expected = bench.caption_call(peer, pixel_values, 10, beams)
+            got = bench.caption_call(runner, pixel_values, 10, beams)
+            results[f"{name}, {beams} beam(s)"] = {"expected": expected.tolist(), "got": got.tolist()}
+    print(json.dumps(results))
+""")
+
+
+def test_the_benchs_exported_peers_caption_like_the_torch_peers(openvino_path, tmp_path):
+    """bench/exported_peers.py, the like-for-like row's peers (GIT-base, ViT + GPT-2, tiny shapes): exported through
+    transformers.exporters' `export_for_generation` and run behind `generate()`, their ids equal the torch peers',
+    greedy and beam search, 10 tokens past the first step (the decode graph runs on a growing cache)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(openvino_path), str(REPO)])}
+    result = subprocess.run([sys.executable, "-c", PEERS_THROUGH_EXPORT, str(tmp_path)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(results) == {f"{name}, {beams} beam(s)" for name in ("GIT-base", "ViT + GPT-2") for beams in (1, 2)}
+    for name, ids in results.items():
+        assert len(ids["got"][0]) == 11 and ids["got"] == ids["expected"], name
+
+
 def test_export_names_the_backends_it_knows(tmp_path):
     with pytest.raises(ValueError, match="backend must be one of"):
         export(tmp_path, tmp_path / "out", backend="tensorrt")

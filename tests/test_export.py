@@ -137,6 +137,59 @@ def test_the_benchs_exported_peers_caption_like_the_torch_peers(openvino_path, t
         assert len(ids["got"][0]) == 11 and ids["got"] == ids["expected"], name
 
 
+LEGACY_EXPORT = textwrap.dedent("""
+    import copy, json, sys
+    import torch
+    sys.path.insert(0, "tests")
+    from conftest import tiny_text_config, tiny_vision_config
+    from transformers.exporters import ExportedModel, OpenVINOConfig, OpenVINOExporter
+    from loracaptioner import LoraCaptionerConfig, LoraCaptionerForConditionalGeneration
+    from loracaptioner.export import ExportedCaptioner, _empty_cache, _graphs
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    config = LoraCaptionerConfig(vision_config=tiny_vision_config(), text_config=tiny_text_config(99))
+    model = LoraCaptionerForConditionalGeneration(config).eval()
+    pixel_values = torch.zeros(2, 3, 32, 32)
+    graphs = _graphs(model, pixel_values)
+    with torch.no_grad():
+        image_tokens = model.encoder(pixel_values=pixel_values)
+    start = torch.full((4, 1), config.decoder_start_token_id)
+    # What an export written before the cross_attention graph holds: the first step in a graph of its own (the whole
+    # model on an empty cache), and no loracaptioner_export.json (the image tokens are then repeated per beam).
+    graphs = {"image_encoder": graphs["image_encoder"], "decode": graphs["decode"],
+              "prefill": (model, dict(decoder_input_ids=start, encoder_outputs=image_tokens,
+                                      cache=_empty_cache(config), use_cache=True))}
+    exporter, export_config = OpenVINOExporter(), OpenVINOConfig(dynamic=True, stateful=False)
+    components = {name: exporter.export(module, copy.deepcopy(inputs), export_config).components["model"]
+                  for name, (module, inputs) in graphs.items()}
+    ExportedModel(components, exporter.export_format, config=config,
+                  generation_config=model.generation_config).save_pretrained(sys.argv[1])
+    captioner = ExportedCaptioner.from_pretrained(sys.argv[1], precision="fp32")
+    pixel_values = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for name, beams in (("greedy", 1), ("beam 3", 3)):
+        results[name] = {
+            "expected": model.generate(pixel_values=pixel_values, num_beams=beams, max_new_tokens=12).tolist(),
+            "got": captioner.generate(pixel_values=pixel_values, num_beams=beams, max_new_tokens=12).tolist()}
+    print(json.dumps(results))
+""")
+
+
+def test_an_export_in_the_earlier_layout_still_captions_like_the_torch_model(openvino_path, tmp_path):
+    """An export folder written before the cross_attention graph (its first step in a `prefill` graph, no
+    loracaptioner_export.json) loads and captions with the torch model's ids, greedy and beam search:
+    `ExportedCaptioner` keeps reading what earlier versions wrote. (The graphs are traced from today's model, whose
+    cross-attention takes beams sharing an image or not, so this checks the prefill path, not the per-beam flag.)"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(openvino_path), str(REPO)])}
+    result = subprocess.run([sys.executable, "-c", LEGACY_EXPORT, str(tmp_path / "legacy")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, ids in json.loads(result.stdout.strip().splitlines()[-1]).items():
+        assert ids["got"] == ids["expected"], name
+    assert not (tmp_path / "legacy" / "loracaptioner_export.json").exists()
+
+
 def test_export_names_the_backends_it_knows(tmp_path):
     with pytest.raises(ValueError, match="backend must be one of"):
         export(tmp_path, tmp_path / "out", backend="tensorrt")

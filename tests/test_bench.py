@@ -145,6 +145,23 @@ def test_targets_are_computed_from_the_rows():
     assert table["quality: ≥ 99% top-1 agreement vs fp32 (bf16 (--dtype auto))"] == ["99.50%", "**met**"]
 
 
+def test_the_export_is_compared_with_the_peers_exported_the_same_way():
+    """LoraCaptioner's export row meets the peers' export rows ("OpenVINO (transformers.exporters)") in the
+    like-for-like table and target, never their torch rows."""
+    rows = [bench.Row("A", bench.NAIVE, "fp32", 8, [4.0]),
+            bench.Row("A", bench.OURS, "fp32 (default)", 8, [3.9]),
+            bench.Row("A", bench.OURS, bench.EXPORTED, 8, [2.0]),
+            bench.Row("A", "GIT-base", "fp32", 8, [3.0]),
+            bench.Row("A", "GIT-base", bench.PEER_EXPORTED, 8, [2.8]),
+            bench.Row("A", "ViT + GPT-2", bench.PEER_EXPORTED, 8, [3.2])]
+    shipped = ["fp32 (default)", bench.EXPORTED]
+    table = {row[0]: row[1:] for row in bench.targets(rows, shipped, {}, None, {}, {})}
+    assert table["A: ≥ 1.3× the fastest peer with the same treatment"] == [
+        f"{bench.EXPORTED} vs GIT-base OpenVINO: 1.40×", "**met**"]
+    comparisons = bench.peer_comparisons(rows, ["fp32", bench.treatment_of(bench.EXPORTED)])
+    assert comparisons == [["fp32", "2.05", "GIT-base 2.67", "0.77×"], ["OpenVINO", "4.00", "GIT-base 2.86", "1.40×"]]
+
+
 def test_peak_memory_is_measured_in_a_fresh_process():
     args = bench.parse_args(["--tiny", "--batch", "2", "--tokens", "3"])
     result = bench.measure_memory({"model": bench.NAIVE}, args)

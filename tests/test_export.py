@@ -46,18 +46,34 @@ def openvino_path() -> Path:
     return installed(*RUNTIME_PACKAGES["openvino"])
 
 
-CAPTION_THROUGH_EXPORT = textwrap.dedent("""
-    import json, sys
+def run_script(runtimes: Path, script: str, *args: str, timeout: int = 300) -> tuple:
+    """`script` in a fresh interpreter with the runtimes in `runtimes` and the checkout on its path (it must exit 0):
+    what it printed last, as JSON, and its stderr."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(runtimes), str(REPO)])}
+    result = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+# The preamble of the scripts that build a tiny random LoraCaptioner (`model`, `config`), seeded, one thread.
+TINY_MODEL = textwrap.dedent("""
+    import copy, json, sys
     import torch
     sys.path.insert(0, "tests")
     from conftest import tiny_text_config, tiny_vision_config
     from loracaptioner import LoraCaptionerConfig, LoraCaptionerForConditionalGeneration
-    from loracaptioner.export import ExportedCaptioner, export
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
     config = LoraCaptionerConfig(vision_config=tiny_vision_config(), text_config=tiny_text_config(99))
     model = LoraCaptionerForConditionalGeneration(config).eval()
+""")
+
+
+CAPTION_THROUGH_EXPORT = TINY_MODEL + textwrap.dedent("""
+    from loracaptioner.export import ExportedCaptioner, export
+
     model.save_pretrained(sys.argv[1] + "/model")
     backend = sys.argv[2]
     export(sys.argv[1] + "/model", sys.argv[1] + "/exported", backend=backend)
@@ -83,12 +99,7 @@ def test_export_captions_like_the_torch_model_greedy_and_beam(backend, tmp_path)
     """float32 ids equal the torch model's (its saved defaults, greedy, beam search returning 2 of 3 beams); beam
     search holds the cross-attention cache once per image, as the torch model does; three graphs, no first-step graph
     (the decode graph takes the first step)."""
-    path = installed(*RUNTIME_PACKAGES[backend])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), str(REPO)])}
-    result = subprocess.run([sys.executable, "-c", CAPTION_THROUGH_EXPORT, str(tmp_path), backend], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results, _ = run_script(installed(*RUNTIME_PACKAGES[backend]), CAPTION_THROUGH_EXPORT, str(tmp_path), backend)
     for name, ids in results["captions"].items():
         assert ids["got"] == ids["expected"], name
     assert results["cross_attention_rows"] == 3  # once per image, not per beam, as in the torch model
@@ -127,29 +138,16 @@ def test_the_benchs_exported_peers_caption_like_the_torch_peers(openvino_path, t
     """bench/exported_peers.py, the like-for-like row's peers (GIT-base, ViT + GPT-2, tiny shapes): exported through
     transformers.exporters' `export_for_generation` and run behind `generate()`, their ids equal the torch peers',
     greedy and beam search, 10 tokens past the first step (the decode graph runs on a growing cache)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(openvino_path), str(REPO)])}
-    result = subprocess.run([sys.executable, "-c", PEERS_THROUGH_EXPORT, str(tmp_path)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results, _ = run_script(openvino_path, PEERS_THROUGH_EXPORT, str(tmp_path), timeout=600)
     assert set(results) == {f"{name}, {beams} beam(s)" for name in ("GIT-base", "ViT + GPT-2") for beams in (1, 2)}
     for name, ids in results.items():
         assert len(ids["got"][0]) == 11 and ids["got"] == ids["expected"], name
 
 
-LEGACY_EXPORT = textwrap.dedent("""
-    import copy, json, sys
-    import torch
-    sys.path.insert(0, "tests")
-    from conftest import tiny_text_config, tiny_vision_config
+LEGACY_EXPORT = TINY_MODEL + textwrap.dedent("""
     from transformers.exporters import ExportedModel, OpenVINOConfig, OpenVINOExporter
-    from loracaptioner import LoraCaptionerConfig, LoraCaptionerForConditionalGeneration
     from loracaptioner.export import ExportedCaptioner, _empty_cache, _graphs
 
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    config = LoraCaptionerConfig(vision_config=tiny_vision_config(), text_config=tiny_text_config(99))
-    model = LoraCaptionerForConditionalGeneration(config).eval()
     pixel_values = torch.zeros(2, 3, 32, 32)
     graphs = _graphs(model, pixel_values)
     with torch.no_grad():
@@ -181,11 +179,8 @@ def test_an_export_in_the_earlier_layout_still_captions_like_the_torch_model(ope
     loracaptioner_export.json) loads and captions with the torch model's ids, greedy and beam search:
     `ExportedCaptioner` keeps reading what earlier versions wrote. (The graphs are traced from today's model, whose
     cross-attention takes beams sharing an image or not, so this checks the prefill path, not the per-beam flag.)"""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(openvino_path), str(REPO)])}
-    result = subprocess.run([sys.executable, "-c", LEGACY_EXPORT, str(tmp_path / "legacy")], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for name, ids in json.loads(result.stdout.strip().splitlines()[-1]).items():
+    results, _ = run_script(openvino_path, LEGACY_EXPORT, str(tmp_path / "legacy"), timeout=600)
+    for name, ids in results.items():
         assert ids["got"] == ids["expected"], name
     assert not (tmp_path / "legacy" / "loracaptioner_export.json").exists()
 
@@ -224,14 +219,10 @@ def test_the_cli_exports_and_captions_with_the_export_as_with_the_torch_model(op
     for number, image in enumerate(images):
         paths.append(str(tmp_path / f"{number}.png"))
         image.save(paths[-1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(openvino_path), str(REPO)])}
-    result = subprocess.run([sys.executable, "-c", CLI_THROUGH_EXPORT, model_dir, str(tmp_path / "exported"), *paths],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    answer, stderr = run_script(openvino_path, CLI_THROUGH_EXPORT, model_dir, str(tmp_path / "exported"), *paths)
     captions = answer["captions"]
     assert captions["export"] == captions["torch"]
     assert len(captions["torch"]) == len(images) and all(captions["torch"].values())
     assert set(captions["export auto"]) == set(captions["torch"])
     assert answer["refused"] == 2
-    assert "quantize when exporting" in result.stderr
+    assert "quantize when exporting" in stderr

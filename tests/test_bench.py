@@ -92,6 +92,8 @@ def test_training_quality_epochs_and_targets_are_reported(tiny_run):
         assert table_rows(text, "path") and "top-1 agreement" in text
     else:
         assert "no torch path here computes in other than fp32 (`--dtype auto` picked fp32" in text
+    assert re.search(r"How close fp32's own calls are on these inputs: at \d+\.\d% of the positions .* "
+                     r"agrees \d+\.\d\d%", text)
     assert "Identical greedy captions vs fp32" in text
     targets = text.split("## Targets")[1]
     for target in ("A: fastest shipped path ≥ 3× naive fp32", "B: batch-1 latency ≤ 0.4× naive",
@@ -104,6 +106,18 @@ def test_training_quality_epochs_and_targets_are_reported(tiny_run):
 def test_without_torchao_the_int8_paths_say_so(tiny_run):
     text, _ = tiny_run
     assert "| --quantize int8 | – | torchao not installed |" in text
+
+
+def test_the_lm_head_int8_bound_rounds_each_row_to_its_own_int8_grid():
+    weight = torch.randn(6, 40) * torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0, 1e-30])[:, None]
+    weight[:, 0] = weight.abs().amax(dim=1) * 1.5  # each row's largest magnitude, positive
+    rounded = bench.int8_rows(weight)
+    step = weight[:, :1] / 127
+    assert (rounded - weight).abs().le(step / 2 * (1 + 1e-5)).all()  # within half a step of its row's grid
+    assert torch.allclose(rounded[:, 0], weight[:, 0])  # the largest magnitude is on the grid
+    assert torch.equal(bench.int8_rows(rounded), rounded)  # weights on the grid stay put
+    assert ((rounded / step).round() - rounded / step).abs().max() < 1e-3  # 255 levels at most per row
+    assert torch.equal(bench.int8_rows(torch.zeros(2, 3)), torch.zeros(2, 3))
 
 
 def test_ratios_within_five_percent_are_parity():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 from pathlib import Path
@@ -82,11 +83,27 @@ def load_bridge(path: Path, image_token_dim: int, d_model: int) -> dict[str, tor
     return {"weight": weight, "bias": bias}
 
 
+def _lora_config(path: Path) -> LoraConfig:
+    """The adapter's LoraConfig. peft 0.2 (the original's) also wrote `merge_weights` (merge into the base weights in
+    eval mode: the saved weights are the same either way) and `enable_lora` (LoRA on parts of a fused qkv layer, which
+    T5 has none of). They left peft since; passed on, peft would warn that the file comes from a newer peft."""
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--adapter: {path} is not readable JSON ({error})") from error
+    if not isinstance(fields, dict):
+        raise ValueError(f"--adapter: {path} must hold a JSON object, got {type(fields).__name__}")
+    fields.pop("merge_weights", None)
+    if fields.pop("enable_lora", None) is not None:
+        raise ValueError(f"--adapter: {path} sets enable_lora (LoRA on a fused qkv layer); T5's decoder has none")
+    return LoraConfig.from_peft_type(**fields)
+
+
 def load_original_adapter(adapter_dir: Path) -> tuple[LoraConfig, dict[str, torch.Tensor], int]:
     """The original's LoraConfig, its decoder LoRA weights keyed as on our model, and how many encoder tensors were dropped."""
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ValueError(f"--adapter: {adapter_dir} has no adapter_config.json (expected a peft adapter folder)")
-    config = LoraConfig.from_pretrained(str(adapter_dir))
+    config = _lora_config(adapter_dir / "adapter_config.json")
     if config.peft_type != PeftType.LORA:
         raise ValueError(f"--adapter: expected a LoRA adapter, got peft_type {config.peft_type}")
     if config.bias != "none":

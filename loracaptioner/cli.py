@@ -122,18 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     exporting = commands.add_parser(
         "export", help="export a model to OpenVINO or ONNX Runtime; `loracaptioner caption OUTPUT ...` runs the export",
         description="Write MODEL (a LoraCaptioner folder or Hub id, adapter merged) as three graphs (image encoder, "
-                    "first decoder step, decoder step with a KV cache) through transformers.exporters, with its "
-                    "config, generation defaults and processor. `loracaptioner caption OUTPUT IMAGES` runs it on the "
-                    "CPU: greedy, sampling and beam search through generate(); --dtype auto runs OpenVINO in bfloat16 "
-                    "where bfloat16 is measured faster. Needs `pip install openvino` (plus nncf for --quantize int8) "
-                    "or onnxruntime. Which path is fastest on which CPU: the README's Speed section.")
+                    "cross-attention keys/values once per image, one decoder step on a KV cache) through "
+                    "transformers.exporters, with its config, generation defaults and processor. "
+                    "`loracaptioner caption OUTPUT IMAGES` runs it on the CPU: greedy, sampling and beam search "
+                    "through generate(); --dtype auto runs OpenVINO in bfloat16 where bfloat16 is measured faster. "
+                    "Needs `pip install openvino` (plus nncf for --quantize int8) or onnxruntime. Which path is "
+                    "fastest on which CPU: the README's Speed section.")
     exporting.add_argument("model", help="LoraCaptioner folder or Hub id (float32 weights, no separate adapter)")
     exporting.add_argument("output", help="folder to write the export to")
     exporting.add_argument("--backend", default="openvino", choices=("openvino", "onnx"),
-                           help="openvino (default: the faster one measured, bench/export_candidates.md) or onnx")
+                           help="openvino (default: the fastest exact path measured, bf16 where the CPU has it; "
+                                "bench/export_candidates.md) or onnx (ONNX Runtime, fp32: as fast as OpenVINO fp32 on "
+                                "AVX2, with 0.64x its peak memory; bench/export_memory-avx2.md)")
     exporting.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
-                           help="int8 weights (OpenVINO: NNCF weight compression; ONNX: dynamic int8). Measured: "
-                                "faster at batch 1, less agreement with float32 than bfloat16")
+                           help="int8 (OpenVINO: NNCF int8 weights; ONNX: dynamic int8, the fastest path on AVX2: "
+                                "1.8-2.1x torch fp32 on batch 8, 2.6-3.3x on batch 1, 0.56x the naive rebuild's "
+                                "memory). "
+                                "Not exact: 87-92%% top-1 agreement with float32 on random weights; the ONNX int8 "
+                                "export wrote 99.3%% of the demo model's captions as float32 does (bench/README.md)")
 
     convert = commands.add_parser(
         "convert-original", help="import the original LoraCaptioner's projection.pt and LoRA adapter",

@@ -13,6 +13,8 @@ import pytest
 import torch
 from conftest import REPO
 
+from loracaptioner import LoraCaptionerForConditionalGeneration
+
 # bench/bench.py is a script, not a package module: load it by path under a name of its own.
 _spec = importlib.util.spec_from_file_location("loracaptioner_bench", REPO / "bench" / "bench.py")
 bench = importlib.util.module_from_spec(_spec)
@@ -174,6 +176,47 @@ def test_the_export_is_compared_with_the_peers_exported_the_same_way():
         f"{bench.EXPORTED} vs GIT-base OpenVINO: 1.40×", "**met**"]
     comparisons = bench.peer_comparisons(rows, ["fp32", bench.treatment_of(bench.EXPORTED)])
     assert comparisons == [["fp32", "2.05", "GIT-base 2.67", "0.77×"], ["OpenVINO", "4.00", "GIT-base 2.86", "1.40×"]]
+
+
+def test_when_the_fastest_path_has_no_peer_with_its_treatment_the_fastest_that_has_one_is_compared_too():
+    onnx_int8 = "ONNX Runtime int8 (loracaptioner.export)"
+    assert onnx_int8 in bench.EXPORTS
+    rows = [bench.Row("A", bench.NAIVE, "fp32", 8, [4.0]),
+            bench.Row("A", bench.OURS, "fp32 (default)", 8, [3.9]),
+            bench.Row("A", bench.OURS, bench.EXPORTED, 8, [2.0]),
+            bench.Row("A", bench.OURS, onnx_int8, 8, [1.5]),
+            bench.Row("A", "GIT-base", "fp32", 8, [3.0]),
+            bench.Row("A", "GIT-base", bench.PEER_EXPORTED, 8, [2.8])]
+    shipped = ["fp32 (default)", bench.EXPORTED, onnx_int8]
+    like_for_like = [row[1:] for row in bench.targets(rows, shipped, {}, None, {}, {})
+                     if row[0] == "A: ≥ 1.3× the fastest peer with the same treatment"]
+    assert like_for_like == [[f"{onnx_int8}: no peer row with this treatment", "not measured"],
+                             [f"{bench.EXPORTED} vs GIT-base OpenVINO: 1.40×", "**met**"]]
+    table = {row[0]: row[1:] for row in bench.targets(rows, shipped, {}, None, {}, {})}
+    assert table["A: fastest shipped path ≥ 3× naive fp32 (stretch 5×)"] == [f"{onnx_int8}: 2.67×", "**not met**"]
+
+
+def test_an_export_is_teacher_forced_one_cached_step_per_token_as_generate_runs_it(model_dir):
+    """The top-1 guard on an export (no parameters: its graphs take one token per call) gives the torch model's own
+    top-1 tokens when the export computes what the torch model does."""
+    model = LoraCaptionerForConditionalGeneration.from_pretrained(model_dir).eval()
+
+    class StepByStep(torch.nn.Module):  # the torch model behind ExportedCaptioner's calling convention
+        dtype = torch.float32
+
+        def get_encoder(self):
+            return model.get_encoder()
+
+        def forward(self, decoder_input_ids, encoder_outputs, cache, use_cache):
+            return model(decoder_input_ids=decoder_input_ids, encoder_outputs=encoder_outputs, cache=cache,
+                         use_cache=use_cache)
+
+    vocab = model.config.text_config.vocab_size
+    shares = bench.next_token_agreement({"step by step": StepByStep()}, model, vocab, "cpu", images=4, tokens=6)
+    assert shares == {"step by step": 1.0}
+    px, ids = bench.guard_inputs(model, vocab, images=4, tokens=6)
+    stepwise = bench.stepwise_top1(StepByStep(), px, ids)
+    assert stepwise.shape == ids.shape and len(set(stepwise.flatten().tolist())) > 1  # not one token everywhere
 
 
 def test_peak_memory_is_measured_in_a_fresh_process():

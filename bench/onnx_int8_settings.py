@@ -29,7 +29,7 @@ import export_candidates  # noqa: E402
 
 import bench  # noqa: E402
 from loracaptioner import LoraCaptionerForConditionalGeneration  # noqa: E402
-from loracaptioner.export import ExportedCaptioner, export  # noqa: E402
+from loracaptioner.export import export  # noqa: E402
 
 FOLDER = Path("/tmp/loracaptioner_onnx_int8_settings")
 GRAPHS = ("image_encoder", "cross_attention", "decode")
@@ -118,14 +118,9 @@ def run(folder: Path, tiny: bool, repeats: int, batches: list[int]) -> str:
     import onnxruntime
 
     folders = build(folder, tiny)
-    session_options = onnxruntime.SessionOptions()
-    session_options.intra_op_num_threads = len(os.sched_getaffinity(0))
-    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     torch_model = LoraCaptionerForConditionalGeneration.from_pretrained(folder / "torch").eval()
-    models = {"torch fp32": torch_model,
-              "ONNX Runtime fp32": ExportedCaptioner.from_pretrained(folder / "onnx", session_options=session_options)}
-    models.update({label: ExportedCaptioner.from_pretrained(path, session_options=session_options)
-                   for label, path in folders.items()})
+    models = {"torch fp32": torch_model, "ONNX Runtime fp32": bench.load_export(folder / "onnx")}
+    models.update({label: bench.load_export(path) for label, path in folders.items()})
     size = torch_model.config.vision_config.image_size
     start = time.perf_counter()
     lines = ["# ONNX Runtime int8 settings for the LoraCaptioner export", "",

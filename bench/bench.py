@@ -79,8 +79,8 @@ EXPORTED = "OpenVINO (loracaptioner.export)"
 EXPORTS = {EXPORTED: ("openvino", None, "loracaptioner export (OpenVINO)"),
            "ONNX Runtime int8 (loracaptioner.export)": ("onnx", "int8", "loracaptioner export (ONNX Runtime int8)")}
 BACKEND_PACKAGES = {"openvino": "openvino", "onnx": "onnxruntime"}
-# The fastest peers given the export's treatment, for the like-for-like row (bench/exported_peers.py)
-PEER_EXPORTED = "OpenVINO (transformers.exporters)"
+# The peers given an export's treatment, for A's like-for-like rows (bench/exported_peers.py): their row label
+PEER_EXPORTS = " (transformers.exporters)"
 OURS = "LoraCaptioner"
 
 
@@ -270,33 +270,45 @@ def export_in_subprocess(model_dir: str, folder: Path, backend: str = "openvino"
     return load_export(folder)
 
 
-def load_export(folder: Path) -> nn.Module:
-    """`ExportedCaptioner.from_pretrained(folder)`; ONNX Runtime's threads as many as torch's, and sleeping between
+def runner_options(backend: str) -> dict:
+    """What every export timed here is loaded with: for ONNX Runtime, as many threads as torch's, sleeping between
     calls rather than spinning, which would starve the rows timed next to it on a machine with few cores."""
-    from loracaptioner.export import ExportedCaptioner, backend_of
-
-    if backend_of(folder) != "onnx":
-        return ExportedCaptioner.from_pretrained(folder)
+    if backend != "onnx":
+        return {}
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ExportedCaptioner.from_pretrained(folder, session_options=options)
+    return {"session_options": options}
 
 
-def exported_peer(folder: str, device: str) -> tuple[nn.Module | None, str]:
-    """A saved peer exported with `bench/exported_peers.py` in a process of its own and loaded with
-    `ExportedPeer.from_pretrained`, or why not; and a note."""
+def load_export(folder: Path) -> nn.Module:
+    """`ExportedCaptioner.from_pretrained(folder)` with `runner_options`."""
+    from loracaptioner.export import ExportedCaptioner, backend_of
+
+    return ExportedCaptioner.from_pretrained(folder, **runner_options(backend_of(folder)))
+
+
+def peer_export_label(label: str) -> str:
+    """The peers' row label for an export's treatment ("ONNX Runtime int8 (loracaptioner.export)" -> "ONNX Runtime
+    int8 (transformers.exporters)"): the same treatment, as `treatment_of` reads it."""
+    return treatment_of(label) + PEER_EXPORTS
+
+
+def exported_peer(folder: str, device: str, backend: str, quantize: str | None) -> tuple[nn.Module | None, str]:
+    """A saved peer exported with `bench/exported_peers.py --backend backend --quantize quantize` in a process of its
+    own and loaded with `ExportedPeer.from_pretrained` and `runner_options`, or why not; and a note."""
     if not device.startswith("cpu"):
         return None, "CPU only here"
-    start, out = time.perf_counter(), folder + "-openvino"
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "exported_peers.py"), folder, out], cwd=REPO,
-                          capture_output=True, text=True, check=False)
+    start, out = time.perf_counter(), f"{folder}-{backend}-{quantize or 'fp32'}"
+    command = [sys.executable, str(REPO / "bench" / "exported_peers.py"), folder, out, "--backend", backend]
+    done = subprocess.run(command + (["--quantize", quantize] if quantize else []), cwd=REPO, capture_output=True,
+                          text=True, check=False)
     if done.returncode:
         lines = done.stderr.strip().splitlines()
         return None, f"export failed: {lines[-1] if lines else done.returncode}"
-    exported = sibling("exported_peers").ExportedPeer.from_pretrained(out)
+    exported = sibling("exported_peers").ExportedPeer.from_pretrained(out, **runner_options(backend))
     return exported, f"exported and loaded in {time.perf_counter() - start:.0f} s"
 
 
@@ -893,21 +905,26 @@ def main(argv=None) -> str:
             del peer
             for treatment in (t for t in usable if t.flag in PEER_FLAGS):
                 peers[(name, treatment.name)] = load_saved(type_of_peer(name), folder, treatment, device)
-            if EXPORTED in ours:  # the export's treatment too, where transformers.exporters can give it
-                exported, note = None, ("not exportable: its generate() never calls its forward, which "
-                                        "transformers.exporters' export_for_generation traces")
-                if name in sibling("exported_peers").EXPORTABLE:
-                    exported, note = exported_peer(folder, device)
-                peer_export_notes.append(f"{name}: {'' if exported is None else 'timed, '}{note}")
+            # each export's treatment too, where transformers.exporters can give it
+            given = [(label, EXPORTS[label]) for label in export_dirs]
+            if given and name not in sibling("exported_peers").EXPORTABLE:
+                peer_export_notes.append(f"{name}: not exportable: its generate() never calls its forward, which "
+                                         "transformers.exporters' export_for_generation traces")
+                given = []
+            for label, (backend, quantize, _) in given:
+                exported, note = exported_peer(folder, device, backend, quantize)
+                peer_export_notes.append(f"{name}, {treatment_of(label)}: {'' if exported is None else 'timed, '}"
+                                         f"{note}")
                 if exported is not None:
-                    peers[(name, PEER_EXPORTED)] = exported
+                    peers[(name, peer_export_label(label))] = exported
             gc.collect()
     shipped_labels = list(ours)
     now = section_done("loading", now)
     if peer_export_notes:
-        report(f"\nThe peers exported as LoraCaptioner is, for A's like-for-like row ({PEER_EXPORTED}: "
-               "`export_for_generation`, traced in fp32 with dynamic shapes, run at OpenVINO's own precision as "
-               "LoraCaptioner's export is, behind transformers' `generate()`; bench/exported_peers.py): "
+        report("\nThe peers exported as LoraCaptioner is, for A's like-for-like rows (`... (transformers.exporters)`: "
+               "`export_for_generation`, traced in fp32 with dynamic shapes, each graph quantized as LoraCaptioner's "
+               "are where its export quantizes, run behind transformers' `generate()`: OpenVINO at its own precision, "
+               "ONNX Runtime with the threads and session options of LoraCaptioner's; bench/exported_peers.py): "
                + "; ".join(peer_export_notes) + ".")
     report(f"\nbatch {args.batch} (A, C) and 1 (B), {args.tokens} new tokens forced (`min_new_tokens = "
            f"max_new_tokens`, no repetition processors), so every row does equal work; {repeats} timed round(s) per "

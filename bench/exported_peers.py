@@ -1,5 +1,6 @@
-"""The peers given LoraCaptioner's runtime treatment: exported to OpenVINO through `transformers.exporters`, captioning
-through transformers' own `generate()`.
+"""The peers given LoraCaptioner's runtime treatments: exported through `transformers.exporters` as
+`loracaptioner.export` exports LoraCaptioner (OpenVINO at its own precision, or ONNX Runtime with dynamic int8),
+captioning through transformers' own `generate()`.
 
 `HfExporter.export_for_generation` traces a generative model's first step (`prefill`) and a later step (`decode`) from
 a real `generate()` call; transformers ships no runner that generates with the two, and `ExportedPeer` is that runner:
@@ -36,13 +37,24 @@ def _generate_inputs(model: nn.Module, pixel_values: torch.Tensor) -> dict:
     return {"pixel_values": pixel_values, "input_ids": start}
 
 
-def export_peer(model: nn.Module, out_dir: str | Path) -> Path:
-    """Export a peer (fp32, eval) to `out_dir` with OpenVINO, as `loracaptioner.export` exports LoraCaptioner:
-    dynamic shapes, a stateless graph (the cache in and out, so beam search can reorder it), traced at batch 2 (a batch
-    of 1 would be specialised)."""
-    from transformers.exporters import OpenVINOConfig, OpenVINOExporter
+def export_peer(model: nn.Module, out_dir: str | Path, backend: str = "openvino", quantize: str | None = None) -> Path:
+    """Export a peer (fp32, eval) to `out_dir` as `loracaptioner.export.export(..., backend, quantize)` exports
+    LoraCaptioner: dynamic shapes, the cache in and out (OpenVINO: a stateless graph, so beam search can reorder it),
+    traced at batch 2 (a batch of 1 would be specialised), and with `quantize="int8"` the quantizer LoraCaptioner's
+    export applies to each of its graphs, here to each of the peer's."""
+    from transformers.exporters import OnnxConfig, OnnxExporter, OpenVINOConfig, OpenVINOExporter
 
-    exporter, config = OpenVINOExporter(), OpenVINOConfig(dynamic=True, stateful=False)
+    from loracaptioner.export import _int8_quantizer
+
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    quantizer = _int8_quantizer(backend) if quantize else None
+    if backend == "openvino":
+        exporter, config = OpenVINOExporter(), OpenVINOConfig(dynamic=True, stateful=False, quantizer=quantizer)
+    elif backend == "onnx":
+        exporter, config = OnnxExporter(), OnnxConfig(dynamic=True, quantizer=quantizer)
+    else:
+        raise ValueError(f"backend must be 'openvino' or 'onnx', got {backend!r}")
     size = model.config.encoder.image_size if isinstance(model, VisionEncoderDecoderModel) else \
         model.config.vision_config.image_size
     pixel_values = torch.zeros(2, 3, size, size)
@@ -81,10 +93,13 @@ class ExportedPeer(PreTrainedModel, GenerationMixin):
             self.generation_config = exported.generation_config
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> ExportedPeer:
-        folder = Path(folder)
-        encoder = ExportedModel.from_pretrained(folder / ENCODER, device="cpu") if (folder / ENCODER).is_dir() else None
-        return cls(ExportedModel.from_pretrained(folder, device="cpu"), encoder)
+    def from_pretrained(cls, folder: str | Path, **runner_kwargs) -> ExportedPeer:
+        """An `export_peer` folder, on the CPU; `runner_kwargs` go to the backend's runner (ONNX Runtime's
+        `session_options`, OpenVINO's `config`)."""
+        folder, runner_kwargs = Path(folder), {"device": "cpu", **runner_kwargs}
+        encoder = (ExportedModel.from_pretrained(folder / ENCODER, **runner_kwargs) if (folder / ENCODER).is_dir()
+                   else None)
+        return cls(ExportedModel.from_pretrained(folder, **runner_kwargs), encoder)
 
     @property
     def device(self) -> torch.device:
@@ -108,7 +123,8 @@ class ExportedPeer(PreTrainedModel, GenerationMixin):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python bench/exported_peers.py SAVED_PEER OUT`: export a saved peer, in a process of its own."""
+    """`python bench/exported_peers.py SAVED_PEER OUT [--backend onnx --quantize int8]`: export a saved peer, in a
+    process of its own."""
     import argparse
 
     from transformers import AutoConfig
@@ -116,11 +132,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("peer", help="a peer's save_pretrained folder (GIT or VisionEncoderDecoder)")
     parser.add_argument("out", help="the folder to write the export to")
+    parser.add_argument("--backend", choices=("openvino", "onnx"), default="openvino")
+    parser.add_argument("--quantize", choices=("int8",), default=None)
     args = parser.parse_args(argv)
     model_type = AutoConfig.from_pretrained(args.peer).model_type
     if model_type not in PEER_CLASSES:
         parser.error(f"{args.peer}: a {model_type} model; exportable: {sorted(PEER_CLASSES)}")
-    export_peer(PEER_CLASSES[model_type].from_pretrained(args.peer, dtype=torch.float32).eval(), args.out)
+    export_peer(PEER_CLASSES[model_type].from_pretrained(args.peer, dtype=torch.float32).eval(), args.out,
+                args.backend, args.quantize)
 
 
 if __name__ == "__main__":

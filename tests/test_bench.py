@@ -161,21 +161,29 @@ def test_targets_are_computed_from_the_rows():
     assert table["quality: ≥ 99% top-1 agreement vs fp32 (bf16 (--dtype auto))"] == ["99.50%", "**met**"]
 
 
-def test_the_export_is_compared_with_the_peers_exported_the_same_way():
-    """LoraCaptioner's export row meets the peers' export rows ("OpenVINO (transformers.exporters)") in the
-    like-for-like table and target, never their torch rows."""
+def test_each_export_is_compared_with_the_peers_exported_the_same_way():
+    """Each of LoraCaptioner's export rows meets the peers' rows of the same export ("OpenVINO
+    (transformers.exporters)", "ONNX Runtime int8 (transformers.exporters)") in the like-for-like table and target,
+    never their torch rows nor the other export's."""
+    onnx_int8 = "ONNX Runtime int8 (loracaptioner.export)"
+    assert bench.peer_export_label(bench.EXPORTED) == "OpenVINO (transformers.exporters)"
+    assert bench.peer_export_label(onnx_int8) == "ONNX Runtime int8 (transformers.exporters)"
     rows = [bench.Row("A", bench.NAIVE, "fp32", 8, [4.0]),
             bench.Row("A", bench.OURS, "fp32 (default)", 8, [3.9]),
             bench.Row("A", bench.OURS, bench.EXPORTED, 8, [2.0]),
+            bench.Row("A", bench.OURS, onnx_int8, 8, [1.6]),
             bench.Row("A", "GIT-base", "fp32", 8, [3.0]),
-            bench.Row("A", "GIT-base", bench.PEER_EXPORTED, 8, [2.8]),
-            bench.Row("A", "ViT + GPT-2", bench.PEER_EXPORTED, 8, [3.2])]
-    shipped = ["fp32 (default)", bench.EXPORTED]
+            bench.Row("A", "GIT-base", bench.peer_export_label(bench.EXPORTED), 8, [2.8]),
+            bench.Row("A", "ViT + GPT-2", bench.peer_export_label(bench.EXPORTED), 8, [3.2]),
+            bench.Row("A", "GIT-base", bench.peer_export_label(onnx_int8), 8, [1.9]),
+            bench.Row("A", "ViT + GPT-2", bench.peer_export_label(onnx_int8), 8, [1.7])]
+    shipped = ["fp32 (default)", bench.EXPORTED, onnx_int8]
     table = {row[0]: row[1:] for row in bench.targets(rows, shipped, {}, None, {}, {})}
     assert table["A: ≥ 1.3× the fastest peer with the same treatment"] == [
-        f"{bench.EXPORTED} vs GIT-base OpenVINO: 1.40×", "**met**"]
-    comparisons = bench.peer_comparisons(rows, ["fp32", bench.treatment_of(bench.EXPORTED)])
-    assert comparisons == [["fp32", "2.05", "GIT-base 2.67", "0.77×"], ["OpenVINO", "4.00", "GIT-base 2.86", "1.40×"]]
+        f"{onnx_int8} vs ViT + GPT-2 ONNX Runtime int8: 1.06×", "**not met**"]
+    comparisons = bench.peer_comparisons(rows, ["fp32"] + [bench.treatment_of(label) for label in bench.EXPORTS])
+    assert comparisons == [["fp32", "2.05", "GIT-base 2.67", "0.77×"], ["OpenVINO", "4.00", "GIT-base 2.86", "1.40×"],
+                           ["ONNX Runtime int8", "5.00", "ViT + GPT-2 4.71", "1.06×"]]
 
 
 def test_when_the_fastest_path_has_no_peer_with_its_treatment_the_fastest_that_has_one_is_compared_too():
@@ -186,7 +194,7 @@ def test_when_the_fastest_path_has_no_peer_with_its_treatment_the_fastest_that_h
             bench.Row("A", bench.OURS, bench.EXPORTED, 8, [2.0]),
             bench.Row("A", bench.OURS, onnx_int8, 8, [1.5]),
             bench.Row("A", "GIT-base", "fp32", 8, [3.0]),
-            bench.Row("A", "GIT-base", bench.PEER_EXPORTED, 8, [2.8])]
+            bench.Row("A", "GIT-base", bench.peer_export_label(bench.EXPORTED), 8, [2.8])]
     shipped = ["fp32 (default)", bench.EXPORTED, onnx_int8]
     like_for_like = [row[1:] for row in bench.targets(rows, shipped, {}, None, {}, {})
                      if row[0] == "A: ≥ 1.3× the fastest peer with the same treatment"]

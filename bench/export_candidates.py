@@ -123,15 +123,11 @@ def time_all(folder: Path, repeats: int, workloads: list[tuple[int, int]]) -> st
     fast_bf16 = bf16 >= BF16_MARGIN
     base = "torch bf16" if fast_bf16 else "torch fp32"
     models = {"torch fp32": model, **({"torch bf16": copy.deepcopy(model).to(torch.bfloat16)} if fast_bf16 else {})}
-    # ONNX Runtime's threads, sized from the process's cores, sleep between calls instead of spinning: spinning
-    # threads would starve the torch and OpenVINO calls interleaved with them on this machine's few cores.
-    session_options = onnxruntime.SessionOptions()
-    session_options.intra_op_num_threads = len(os.sched_getaffinity(0))
-    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     for label, (sub, precision) in CANDIDATES.items():
         if precision == "bf16" and not fast_bf16:
             continue
-        options = {"session_options": session_options} if sub.startswith("onnx") else {"precision": precision}
+        # ONNX Runtime as bench.py loads it: torch's threads, sleeping rather than spinning between calls
+        options = bench.runner_options("onnx") if sub.startswith("onnx") else {"precision": precision}
         models[label] = ExportedCaptioner.from_pretrained(folder / sub, **options)
     size = model.config.vision_config.image_size
 

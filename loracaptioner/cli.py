@@ -136,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "AVX2, with 0.64x its peak memory; bench/export_memory-avx2.md)")
     exporting.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
                            help="int8 (OpenVINO: NNCF int8 weights; ONNX: dynamic int8, the fastest path on AVX2: "
-                                "1.8-2.1x torch fp32 on batch 8, 2.6-3.3x on batch 1, 0.56x the naive rebuild's "
-                                "memory). "
-                                "Not exact: 87-92%% top-1 agreement with float32 on random weights; the ONNX int8 "
+                                "1.8-2.1x torch fp32 on batch 8, 2.5-3.3x on batch 1, 0.55x the naive rebuild's "
+                                "memory; bench/results-avx2.md). "
+                                "Not exact: 86-92%% top-1 agreement with float32 on random weights; the ONNX int8 "
                                 "export wrote 99.3%% of the demo model's captions as float32 does (bench/README.md)")
 
     convert = commands.add_parser(

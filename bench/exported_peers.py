@@ -12,6 +12,7 @@ exported this way (its `generate()` calls the text decoder's own `generate()`, n
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -42,19 +43,11 @@ def export_peer(model: nn.Module, out_dir: str | Path, backend: str = "openvino"
     LoraCaptioner: dynamic shapes, the cache in and out (OpenVINO: a stateless graph, so beam search can reorder it),
     traced at batch 2 (a batch of 1 would be specialised), and with `quantize="int8"` the quantizer LoraCaptioner's
     export applies to each of its graphs, here to each of the peer's."""
-    from transformers.exporters import OnnxConfig, OnnxExporter, OpenVINOConfig, OpenVINOExporter
+    from loracaptioner.export import exporter_for
 
-    from loracaptioner.export import _int8_quantizer
-
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-    quantizer = _int8_quantizer(backend) if quantize else None
-    if backend == "openvino":
-        exporter, config = OpenVINOExporter(), OpenVINOConfig(dynamic=True, stateful=False, quantizer=quantizer)
-    elif backend == "onnx":
-        exporter, config = OnnxExporter(), OnnxConfig(dynamic=True, quantizer=quantizer)
-    else:
-        raise ValueError(f"backend must be 'openvino' or 'onnx', got {backend!r}")
+    exporter, config, quantizer = exporter_for(backend, quantize)
+    # export_for_generation quantizes each graph it exports with the config's quantizer
+    config = dataclasses.replace(config, quantizer=quantizer)
     size = model.config.encoder.image_size if isinstance(model, VisionEncoderDecoderModel) else \
         model.config.vision_config.image_size
     pixel_values = torch.zeros(2, 3, size, size)

@@ -129,19 +129,8 @@ def export(model_dir: str | Path, out_dir: str | Path, backend: str = "openvino"
         avx512_bf16): OpenVINO int8 weights 1.11x OpenVINO bf16 on batch 8 greedy, 1.2x on batch 1, parity on beam 4;
         87-91% top-1 agreement with fp32 against bf16's 95-96%.
     """
-    from transformers.exporters import OnnxConfig, OnnxExporter, OpenVINOConfig, OpenVINOExporter
-
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    exporter, config, quantizer = exporter_for(backend, quantize)
     model = LoraCaptionerForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    if backend == "openvino":
-        # Stateless: the runner hands the cache back in and out, so beam search can reorder it as torch does.
-        exporter, config = OpenVINOExporter(), OpenVINOConfig(dynamic=True, stateful=False)
-    else:
-        exporter, config = OnnxExporter(), OnnxConfig(dynamic=True)
-    quantizer = _int8_quantizer(backend) if quantize else None
 
     size = model.config.vision_config.image_size
     pixel_values = torch.zeros(2, 3, size, size)  # batch 2: a batch of 1 would be specialised, like length 1
@@ -162,6 +151,22 @@ def export(model_dir: str | Path, out_dir: str | Path, backend: str = "openvino"
     except OSError:  # a folder with no processor files: the export is still usable with pixel values
         pass
     return out_dir
+
+
+def exporter_for(backend: str, quantize: str | None = None) -> tuple:
+    """What `export()` exports with, for `backend` and `quantize` (checked): the `transformers.exporters` exporter, its
+    config (dynamic shapes; OpenVINO stateless, so the runner hands the cache in and out and beam search can reorder
+    it as torch does) and the int8 quantizer, or `None`."""
+    from transformers.exporters import OnnxConfig, OnnxExporter, OpenVINOConfig, OpenVINOExporter
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    quantizer = _int8_quantizer(backend) if quantize else None
+    if backend == "openvino":
+        return OpenVINOExporter(), OpenVINOConfig(dynamic=True, stateful=False), quantizer
+    return OnnxExporter(), OnnxConfig(dynamic=True), quantizer
 
 
 def _int8_quantizer(backend: str):
@@ -268,4 +273,5 @@ class ExportedCaptioner(PreTrainedModel, GenerationMixin):
 
 __all__ = [
     "BACKENDS", "INSTALL_HINTS", "CrossAttentionCache", "DecodeStep", "ExportedCaptioner", "backend_of", "export",
+    "exporter_for",
 ]

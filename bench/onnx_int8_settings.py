@@ -3,9 +3,10 @@
 `loracaptioner export --backend onnx --quantize int8` ships `quantize_dynamic` with ONNX Runtime's defaults on all
 three graphs (transformers' `OnnxRuntimeQuantizer(OnnxRuntimeDynamicConfig())`). This run is what that choice rests
 on: the same fp32 export quantized other ways (per-channel weights, 7-bit weights, some graphs or layers kept in fp32,
-and ONNX Runtime's weight-only `MatMulNBits` in 8 bits) against the fp32 export and torch fp32: top-1 next-token
-agreement under teacher forcing (bench/export_candidates.py's guard, 64 images x 20 tokens, random full-size weights)
-and batch-1 / batch-8 greedy seconds (20 new tokens, interleaved, medians).
+ONNX Runtime's weight-only `MatMulNBits` in 8 bits, static int8 on the image encoder, and the graphs fused into ONNX
+Runtime's own CPU ops first, as `OnnxConfig(ort_fusions="cpu")` does) against the fp32 export and torch fp32: top-1
+next-token agreement under teacher forcing (bench/export_candidates.py's guard, 64 images x 20 tokens, random
+full-size weights) and batch-1 / batch-8 greedy seconds (20 new tokens, interleaved, medians).
 
   PYTHONPATH=/tmp/pk_ort2 .venv/bin/python bench/onnx_int8_settings.py --out bench/onnx_int8_settings-avx2.md
 """
@@ -34,8 +35,11 @@ from loracaptioner.export import export  # noqa: E402
 FOLDER = Path("/tmp/loracaptioner_onnx_int8_settings")
 GRAPHS = ("image_encoder", "cross_attention", "decode")
 SHIPPED = "dynamic, ONNX Runtime's defaults, all graphs (shipped)"
-# label: (graphs quantized, "dynamic" (quantize_dynamic through transformers' OnnxRuntimeQuantizer) or "nbits"
-# (onnxruntime's MatMulNBitsQuantizer), options; `exclude` names MatMul weights, by shape, left in fp32)
+CALIBRATION_IMAGES = 16  # the static setting's calibration set: random pixels, as the timed and guarded inputs are
+# label: (graphs rewritten; "dynamic" (quantize_dynamic through transformers' OnnxRuntimeQuantizer), "static" (its
+# quantize_static, calibrated), "nbits" (onnxruntime's MatMulNBitsQuantizer) or "fused" (transformers'
+# `fuse_for_onnxruntime(model, "cpu")`, what `OnnxConfig(ort_fusions="cpu")` runs after the conversion, then dynamic
+# int8 unless `fp32`); options; `exclude` names MatMul weights, by shape, left in fp32)
 SETTINGS = {
     SHIPPED: (GRAPHS, "dynamic", {}),
     "dynamic, per-channel weights": (GRAPHS, "dynamic", dict(per_channel=True)),
@@ -51,6 +55,9 @@ SETTINGS = {
                                                                                    is_symmetric=True)),
     "MatMulNBits 8-bit weights (block 128), int8 compute (accuracy_level 4)": (
         GRAPHS, "nbits", dict(bits=8, block_size=128, is_symmetric=True, accuracy_level=4)),
+    "static (QDQ, uint8 activations, calibrated), image encoder only": (("image_encoder",), "static", {}),
+    "ONNX Runtime's CPU fusions, fp32": (GRAPHS, "fused", dict(fp32=True)),
+    "ONNX Runtime's CPU fusions, then dynamic, all graphs": (GRAPHS, "fused", {}),
 }
 
 
@@ -77,13 +84,36 @@ def quantize_graph(source: Path, target: Path, kind: str, options: dict, config)
         quantizer.process()
         quantizer.model.save_model_to_file(str(target), use_external_data_format=True)
         return
-    from transformers.exporters import ExportFormat, OnnxRuntimeDynamicConfig, OnnxRuntimeQuantizer
+    from onnxruntime.quantization import QuantType
+    from transformers.exporters import (
+        ExportFormat,
+        OnnxRuntimeDynamicConfig,
+        OnnxRuntimeQuantizer,
+        OnnxRuntimeStaticConfig,
+    )
 
     options = dict(options)
     if "exclude" in options:
         options["nodes_to_exclude"] = matmuls_to_keep(source, options.pop("exclude"), config)
-    quantized = OnnxRuntimeQuantizer(OnnxRuntimeDynamicConfig(**options)).quantize(
-        onnx_ir.load(str(source)), {}, ExportFormat.ONNX)
+    graph = onnx_ir.load(str(source))
+    if kind == "fused":
+        from transformers.exporters.onnxruntime_fusions import fuse_for_onnxruntime
+
+        fuse_for_onnxruntime(graph, "cpu")
+        if options.pop("fp32", False):
+            onnx_ir.save(graph, str(target), external_data=target.name + ".data")
+            return
+    if kind == "static":  # ONNX Runtime's advice for x86: uint8 activations, int8 weights; the products only
+        size = config.vision_config.image_size
+        generator = torch.Generator().manual_seed(2)
+        calibration = [{"pixel_values": torch.randn(2, 3, size, size, generator=generator)}
+                       for _ in range(CALIBRATION_IMAGES // 2)]
+        quantizer = OnnxRuntimeQuantizer(OnnxRuntimeStaticConfig(
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Conv"],
+            **options), calibration_dataset=calibration)
+    else:
+        quantizer = OnnxRuntimeQuantizer(OnnxRuntimeDynamicConfig(**options))
+    quantized = quantizer.quantize(graph, {}, ExportFormat.ONNX)
     onnx_ir.save(quantized, str(target), external_data=target.name + ".data")
 
 

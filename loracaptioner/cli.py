@@ -132,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     exporting.add_argument("output", help="folder to write the export to")
     exporting.add_argument("--backend", default="openvino", choices=("openvino", "onnx"),
                            help="openvino (default: the fastest exact path measured, bf16 where the CPU has it; "
-                                "bench/export_candidates.md) or onnx (ONNX Runtime, fp32: as fast as OpenVINO fp32 on "
-                                "AVX2, with 0.64x its peak memory; bench/export_memory-avx2.md)")
+                                "bench/export_candidates.md) or onnx (ONNX Runtime; fp32: on AVX2 the fastest "
+                                "exact path, 1.1x OpenVINO fp32 on greedy, with 0.64x its peak memory; "
+                                "bench/export_candidates-avx2.md)")
     exporting.add_argument("--quantize", default="none", choices=QUANTIZATIONS,
                            help="int8 (OpenVINO: NNCF int8 weights; ONNX: dynamic int8, the fastest path on AVX2: "
                                 "1.8-2.1x torch fp32 on batch 8, 2.5-3.3x on batch 1, 0.55x the naive rebuild's "

@@ -122,8 +122,9 @@ def export(model_dir: str | Path, out_dir: str | Path, backend: str = "openvino"
     """Export a saved LoraCaptioner (fp32 weights) to `out_dir`: the three graphs, `export.json`, the config and
     generation config, and the processor when `model_dir` has one.
 
-    backend: `"openvino"` (fastest exact path on both CPUs measured) or `"onnx"` (ONNX Runtime; with `quantize="int8"`
-        the fastest path on an AVX2-only CPU, bench/export_candidates-avx2.md).
+    backend: `"openvino"` (the fastest exact path on the AVX-512 CPU measured, in bf16 there) or `"onnx"` (ONNX
+        Runtime; on an AVX2-only CPU the fastest path with `quantize="int8"` and, fp32 graphs fused for its CPU ops,
+        the fastest exact one: 1.10-1.13x OpenVINO fp32 on greedy, parity on beam 4; bench/export_candidates-avx2.md).
     quantize: `None`, or `"int8"`: int8 weights (NNCF weight compression) for OpenVINO, dynamic int8 (ONNX Runtime's
         `quantize_dynamic`) for ONNX. Measured on random full-size weights (bench/export_candidates.md, AVX-512 +
         avx512_bf16): OpenVINO int8 weights 1.11x OpenVINO bf16 on batch 8 greedy, 1.2x on batch 1, parity on beam 4;

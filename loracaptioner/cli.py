@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     exporting.add_argument("model", help="LoraCaptioner folder or Hub id (float32 weights, no separate adapter)")
     exporting.add_argument("output", help="folder to write the export to")
     exporting.add_argument("--backend", default="openvino", choices=("openvino", "onnx"),
-                           help="openvino (default: the fastest exact path measured, bf16 where the CPU has it; "
+                           help="openvino (default: on AVX-512 the fastest path without int8, in bf16 there; "
                                 "bench/export_candidates.md) or onnx (ONNX Runtime; fp32: on AVX2 the fastest "
                                 "exact path, 1.1x OpenVINO fp32 on greedy, with 0.64x its peak memory; "
                                 "bench/export_candidates-avx2.md)")
